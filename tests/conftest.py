@@ -1,0 +1,73 @@
+"""Shared fixtures: Hydra composition of the shipped configs, tiny real timm models, image sets."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from omegaconf import DictConfig
+from PIL import Image
+
+# Never let a test reach for the network: weights come from files the tests write.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture
+def make_cfg() -> Callable[..., DictConfig]:
+    def _make(*overrides: str) -> DictConfig:
+        with initialize_config_module("tgr_bench.conf", version_base="1.3"):
+            return compose("config", overrides=list(overrides))
+
+    return _make
+
+
+def write_images(folder: Path, n: int, size: int = 64, seed: int = 0, ext: str = ".png") -> list[str]:
+    """Real image files with smooth random content; returns their stems."""
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    stems = []
+    for i in range(n):
+        low = torch.rand(3, 4, 4, generator=g)
+        img = torch.nn.functional.interpolate(low[None], size=(size, size), mode="bilinear")[0]
+        arr = (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        stem = f"ILSVRC2012_val_{i + 1:08d}"
+        Image.fromarray(arr).save(folder / f"{stem}{ext}")
+        stems.append(stem)
+    return stems
+
+
+@pytest.fixture
+def csv_set(tmp_path: Path) -> Path:
+    root = tmp_path / "csvset"
+    stems = write_images(root, 5)
+    with open(root / "labels.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["filename", "label"])
+        for i, s in enumerate(stems):
+            w.writerow([f"{s}.png", (37 * i) % 1000])
+    return root
+
+
+@pytest.fixture
+def json_set(tmp_path: Path) -> Path:
+    """The TGR authors' layout: clean_resized_images/ with the json label file one level above."""
+    repo = tmp_path / "tgr_repo"
+    stems = write_images(repo / "clean_resized_images", 5)
+    table = {f"{s}.JPEG": {"class_id": (37 * i) % 1000, "class_name": f"c{i}"}
+             for i, s in enumerate(stems)}
+    (repo / "image_name_to_class_id_and_name.json").write_text(json.dumps(table))
+    return repo / "clean_resized_images"
+
+
+def cli(*args: str) -> list[str]:
+    """The installed console script next to this interpreter."""
+    exe = Path(sys.executable).with_name("tgr-bench")
+    return [str(exe), *args]

@@ -1,0 +1,27 @@
+"""Atomic file writes: a file either has its complete new content or does not exist."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from tgr_bench.errors import UserError
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
+        os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise UserError(f"Cannot write {path}: {e}. Free disk space or choose hydra.run.dir.") from e
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

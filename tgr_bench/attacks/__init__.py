@@ -1,0 +1,21 @@
+"""Attack registry: `attack.name` in the config picks a class from ATTACKS."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tgr_bench.attacks.base import Attack
+from tgr_bench.errors import UserError
+
+ATTACKS: dict[str, type[Attack]] = {cls.name: cls for cls in (Attack,)}
+
+
+def build_attack(cfg: Any) -> Attack:
+    params = dict(cfg)
+    name = params.get("name")
+    if name not in ATTACKS:
+        raise UserError(f"Unknown attack {name!r}; available: {', '.join(sorted(ATTACKS))}.")
+    return ATTACKS[name].from_cfg(params)
+
+
+__all__ = ["ATTACKS", "Attack", "build_attack"]

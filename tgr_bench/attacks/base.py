@@ -1,0 +1,121 @@
+"""The MI-FGSM loop that every attack in tgr-bench shares, with one hook per way to change it.
+
+An attack is this loop plus optional changes to
+- the source model's backward pass (`source_context`: TGR, PNA, SGM install gradient hooks),
+- the input before the forward pass (`transform`: PatchOut, input diversity),
+- the loss (`loss`: PatchOut's per-image L2 term, targeted attacks),
+- the gradient estimate (`input_gradient`: VMI's neighbourhood samples),
+- the momentum update (`update`).
+Everything is per sample: an image's result never depends on the other images of its batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tgr_bench.errors import UserError
+
+
+class Attack:
+    name: ClassVar[str] = "mi"
+    reference: ClassVar[str] = "MI-FGSM: Dong et al., Boosting Adversarial Attacks with Momentum, CVPR 2018"
+
+    def __init__(
+        self, eps: float = 16.0, steps: int = 10, alpha: float | None = None, decay: float = 1.0
+    ) -> None:
+        if not 0 < float(eps) <= 255:
+            raise UserError(f"attack.eps={eps} is outside (0, 255]: eps is in 0-255 pixel levels.")
+        if int(steps) != steps or steps < 1:
+            raise UserError(f"attack.steps={steps}: need a whole number of iterations >= 1.")
+        if alpha is not None and not 0 < float(alpha) <= 255:
+            raise UserError(f"attack.alpha={alpha} is outside (0, 255] pixel levels.")
+        if float(decay) < 0:
+            raise UserError(f"attack.decay={decay}: the momentum decay must be >= 0.")
+        self.eps_levels = float(eps)
+        self.steps = int(steps)
+        self.alpha_levels = float(alpha) if alpha is not None else self.eps_levels / self.steps
+        self.decay = float(decay)
+        self.eps = self.eps_levels / 255.0
+        self.alpha = self.alpha_levels / 255.0
+
+    @classmethod
+    def from_cfg(cls, cfg: dict[str, Any]) -> Attack:
+        params = {k: v for k, v in cfg.items() if k != "name"}
+        valid = set(inspect.signature(cls.__init__).parameters) - {"self"}
+        for base in cls.__mro__[1:]:
+            if base is not object and "__init__" in vars(base):
+                valid |= set(inspect.signature(base.__init__).parameters) - {"self", "kwargs"}
+        unknown = set(params) - valid
+        if unknown:
+            raise UserError(
+                f"Attack {cls.name!r} has no parameters {sorted(unknown)}; "
+                f"its parameters are {sorted(valid)}."
+            )
+        return cls(**params)
+
+    def params(self) -> dict[str, Any]:
+        """Every hyper-parameter that decides the result, in pixel units, for the results table."""
+        return {
+            "eps": self.eps_levels,
+            "steps": self.steps,
+            "alpha": round(self.alpha_levels, 6),
+            "decay": self.decay,
+        }
+
+    # ---- hook points -------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def source_context(self, model: nn.Module) -> Iterator[None]:
+        """Changes to the source model's backward pass, active while attacking."""
+        yield
+
+    def transform(self, x: torch.Tensor, step: int, seeds: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        # Summed, not averaged: a sample's gradient must not depend on the batch size.
+        return F.cross_entropy(logits, y, reduction="sum")
+
+    def input_gradient(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        delta: torch.Tensor,
+        y: torch.Tensor,
+        step: int,
+        seeds: torch.Tensor,
+    ) -> torch.Tensor:
+        delta = delta.detach().requires_grad_(True)
+        logits = model(self.transform(x + delta, step, seeds))
+        (grad,) = torch.autograd.grad(self.loss(logits, y, delta), delta)
+        return grad
+
+    def update(self, g: torch.Tensor, grad: torch.Tensor, step: int) -> torch.Tensor:
+        # Per-sample L1 normalization; the floor only matters for an all-zero gradient, which
+        # would otherwise turn the momentum into NaN.
+        norm = grad.abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(torch.finfo(grad.dtype).tiny)
+        return self.decay * g + grad / norm
+
+    def stats(self) -> dict[str, Any]:
+        """Counters the attack wants recorded in run.json (e.g. how often hooks fired)."""
+        return {}
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def perturb(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, seeds: torch.Tensor
+    ) -> torch.Tensor:
+        """Adversarial images for clean pixels `x` in [0,1] (B,3,H,W) and labels `y`."""
+        delta = torch.zeros_like(x)
+        g = torch.zeros_like(x)
+        for step in range(self.steps):
+            grad = self.input_gradient(model, x, delta, y, step, seeds)
+            g = self.update(g, grad, step)
+            delta = (delta + self.alpha * g.sign()).clamp(-self.eps, self.eps)
+            delta = (x + delta).clamp(0, 1) - x
+        return (x + delta).detach()

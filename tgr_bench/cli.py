@@ -1,0 +1,41 @@
+"""`tgr-bench`: a thin Hydra entry point around pipeline.run."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from tgr_bench.errors import UserError
+from tgr_bench.pipeline import run
+
+log = logging.getLogger("tgr_bench")
+
+
+@hydra.main(version_base="1.3", config_path="pkg://tgr_bench.conf", config_name="config")
+def _main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except UserError as e:
+        # A short message, not a traceback: bad input is the user's to fix, and the message says how.
+        print(f"tgr-bench: error: {e}", file=sys.stderr)
+        _to_log_files(logging.ERROR, str(e))
+        sys.exit(2)
+
+
+def _to_log_files(level: int, message: str) -> None:
+    """Record in the run's job log what was already printed, without printing it twice."""
+    record = log.makeRecord(log.name, level, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+def main() -> None:
+    _main()
+
+
+if __name__ == "__main__":
+    main()

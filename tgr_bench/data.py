@@ -1,0 +1,224 @@
+"""Clean image sets: the TGR json layout, a folder with labels.csv, or synthetic images.
+
+Every image is decoded when the set is loaded, so an unreadable file stops the run before any
+attack work, with the file named.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from tgr_bench.errors import UserError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+JSON_LABELS = "image_name_to_class_id_and_name.json"
+CSV_LABELS = "labels.csv"
+NUM_CLASSES = 1000
+
+
+@dataclass
+class ImageSet:
+    stems: list[str]
+    labels: torch.Tensor  # (N,) int64, 0-based ImageNet-1k classes
+    images: torch.Tensor  # (N, 3, H, W) uint8, the stored pixels
+    root: str | None
+    layout: str
+
+    def __len__(self) -> int:
+        return len(self.stems)
+
+
+def read_image(path: Path) -> torch.Tensor:
+    """An 8-bit RGB image as a (3,H,W) uint8 tensor; anything else is a clear error."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = im.mode
+            if mode != "RGB":
+                raise UserError(
+                    f"Image {path} has mode {mode!r}; tgr-bench attacks 8-bit RGB images. "
+                    f"Convert it (e.g. PIL: Image.open(p).convert('RGB').save(p))."
+                )
+            data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+            w, h = im.size
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"Cannot read image {path}: {e}. Replace or remove the file.") from e
+    return data.view(h, w, 3).permute(2, 0, 1).contiguous()
+
+
+def _images_by_stem(folder: Path) -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:
+            if p.stem in found:
+                raise UserError(
+                    f"Two images share the name {p.stem!r} in {folder}: {found[p.stem].name} and "
+                    f"{p.name}. Keep one: results are keyed by file stem."
+                )
+            found[p.stem] = p
+    return found
+
+
+def _check_label(value: Any, where: str) -> int:
+    try:
+        label = int(str(value).strip())
+    except ValueError:
+        raise UserError(f"Label {value!r} for {where} is not an integer class id.") from None
+    if not 0 <= label < NUM_CLASSES:
+        raise UserError(f"Label {label} for {where} is outside 0..{NUM_CLASSES - 1}.")
+    return label
+
+
+def detect_layout(root: Path) -> tuple[str, Path, Path]:
+    """(layout, image folder, label file) for a data root."""
+    if not root.is_dir():
+        raise UserError(
+            f"Data folder {root} does not exist. Pass data.root=<folder> holding the clean images "
+            f"with {CSV_LABELS}, or the TGR set's clean_resized_images/ with {JSON_LABELS} beside "
+            f"or one level above it; or run the offline smoke test with experiment=smoke."
+        )
+    if (root / CSV_LABELS).is_file():
+        return "csv", root, root / CSV_LABELS
+    for images, labels in (
+        (root, root / JSON_LABELS),
+        (root, root.parent / JSON_LABELS),
+        (root / "clean_resized_images", root / JSON_LABELS),
+    ):
+        if labels.is_file() and images.is_dir():
+            return "json", images, labels
+    raise UserError(
+        f"No labels found for {root}: expected {CSV_LABELS} in it (filename,label), or "
+        f"{JSON_LABELS} in it or its parent (the TGR/PNA authors' layout)."
+    )
+
+
+def _read_labels(layout: str, label_file: Path) -> dict[str, int]:
+    labels: dict[str, int] = {}
+    if layout == "csv":
+        with open(label_file, newline="") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or not {"filename", "label"} <= set(reader.fieldnames):
+                raise UserError(
+                    f"{label_file} needs a header with columns filename,label (got "
+                    f"{reader.fieldnames})."
+                )
+            for row in reader:
+                name = (row["filename"] or "").strip()
+                labels[Path(name).stem] = _check_label(row["label"], f"{name} in {label_file}")
+    else:
+        try:
+            table = json.loads(label_file.read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"Cannot parse {label_file}: {e}") from e
+        for name, entry in table.items():
+            value = entry.get("class_id") if isinstance(entry, dict) else entry
+            labels[Path(name).stem] = _check_label(value, f"{name} in {label_file}")
+    return labels
+
+
+def load_folder(root: str | Path, limit: int | None = None) -> ImageSet:
+    root = Path(root).expanduser()
+    layout, folder, label_file = detect_layout(root)
+    labels = _read_labels(layout, label_file)
+    images = _images_by_stem(folder)
+    if not images:
+        raise UserError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}.")
+    if layout == "csv":
+        missing = sorted(set(labels) - set(images))
+        if missing:
+            raise UserError(
+                f"{len(missing)} files listed in {label_file} are missing from {folder}, e.g. "
+                f"{missing[:3]}."
+            )
+        stems = sorted(labels)
+    else:
+        unlabeled = sorted(set(images) - set(labels))
+        if unlabeled:
+            raise UserError(
+                f"{len(unlabeled)} images in {folder} have no entry in {label_file}, e.g. "
+                f"{unlabeled[:3]}."
+            )
+        stems = sorted(images)
+    if limit is not None:
+        stems = stems[: int(limit)]
+    tensors = [read_image(images[s]) for s in stems]
+    shapes = {tuple(t.shape) for t in tensors}
+    if len(shapes) > 1:
+        first = tuple(tensors[0].shape)
+        odd = next(s for s, t in zip(stems, tensors, strict=True) if tuple(t.shape) != first)
+        raise UserError(
+            f"Images in {folder} differ in size ({sorted(shapes)}; e.g. {odd!r} vs {stems[0]!r}). "
+            f"The protocol stores every image at one size (224x224); resize the set first."
+        )
+    return ImageSet(
+        stems=stems,
+        labels=torch.tensor([labels[s] for s in stems], dtype=torch.int64),
+        images=torch.stack(tensors),
+        root=str(root.resolve()),
+        layout=layout,
+    )
+
+
+def synthetic(n: int, size: int = 224, seed: int = 0) -> ImageSet:
+    """Smooth random images with random labels: enough to exercise the pipeline offline."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(n, 3, 8, 8, generator=g)
+    images = torch.nn.functional.interpolate(low, size=(size, size), mode="bicubic")
+    images = (images.clamp(0, 1) * 255).round().to(torch.uint8)
+    labels = torch.randint(0, NUM_CLASSES, (n,), generator=g)
+    return ImageSet([f"synthetic_{i:04d}" for i in range(n)], labels, images, None, "synthetic")
+
+
+def load_dataset(cfg: Any) -> ImageSet:
+    kind = cfg.get("kind", "folder")
+    limit = cfg.get("limit")
+    if limit is not None and int(limit) < 1:
+        raise UserError(f"data.limit must be a positive number of images, got {limit}.")
+    if kind == "synthetic":
+        n = int(cfg.get("n", 8))
+        if limit is not None:
+            n = min(n, int(limit))
+        return synthetic(n, int(cfg.get("size", 224)), int(cfg.get("seed", 0)))
+    if kind == "folder":
+        if not cfg.get("root"):
+            raise UserError(
+                "data.root is not set. Pass data.root=<folder of clean images> (with labels.csv "
+                "or image_name_to_class_id_and_name.json), or try the offline smoke run: "
+                "tgr-bench experiment=smoke."
+            )
+        return load_folder(cfg.root, limit)
+    raise UserError(f"Unknown data.kind {kind!r}; use 'folder' or 'synthetic'.")
+
+
+def load_adversarial(folder: str | Path, clean: ImageSet) -> torch.Tensor:
+    """The adversarial images for every clean stem, as (N,3,H,W) uint8."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise UserError(f"Adversarial folder {folder} does not exist (adv_dir=...).")
+    found = _images_by_stem(folder)
+    missing = [s for s in clean.stems if s not in found]
+    if missing:
+        raise UserError(
+            f"{len(missing)} of {len(clean)} clean images have no adversarial image in {folder}, "
+            f"e.g. {missing[:3]} (expected <clean stem>.png)."
+        )
+    tensors = [read_image(found[s]) for s in clean.stems]
+    for s, t in zip(clean.stems, tensors, strict=True):
+        if t.shape != clean.images.shape[1:]:
+            raise UserError(
+                f"Adversarial image {found[s]} is {tuple(t.shape)}, its clean image is "
+                f"{tuple(clean.images.shape[1:])}: the sets do not match."
+            )
+    return torch.stack(tensors)
