@@ -29,7 +29,9 @@ def make_cfg() -> Callable[..., DictConfig]:
     return _make
 
 
-def write_images(folder: Path, n: int, size: int = 64, seed: int = 0, ext: str = ".png") -> list[str]:
+def write_images(
+    folder: Path, n: int, size: int = 64, seed: int = 0, ext: str = ".png"
+) -> list[str]:
     """Real image files with smooth random content; returns their stems."""
     folder.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
@@ -61,8 +63,10 @@ def json_set(tmp_path: Path) -> Path:
     """The TGR authors' layout: clean_resized_images/ with the json label file one level above."""
     repo = tmp_path / "tgr_repo"
     stems = write_images(repo / "clean_resized_images", 5)
-    table = {f"{s}.JPEG": {"class_id": (37 * i) % 1000, "class_name": f"c{i}"}
-             for i, s in enumerate(stems)}
+    table = {
+        f"{s}.JPEG": {"class_id": (37 * i) % 1000, "class_name": f"c{i}"}
+        for i, s in enumerate(stems)
+    }
     (repo / "image_name_to_class_id_and_name.json").write_text(json.dumps(table))
     return repo / "clean_resized_images"
 

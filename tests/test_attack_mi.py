@@ -17,7 +17,9 @@ def tiny_vit(seed: int = 0) -> PixelModel:
     torch.manual_seed(seed)
     net = timm.create_model("test_vit.r160_in1k", pretrained=False)
     cfg = net.pretrained_cfg
-    return PixelModel(net, cfg["mean"], cfg["std"], cfg["input_size"][-1]).eval().requires_grad_(False)
+    return (
+        PixelModel(net, cfg["mean"], cfg["std"], cfg["input_size"][-1]).eval().requires_grad_(False)
+    )
 
 
 def images(n: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,8 +53,18 @@ def test_mi_equals_step_by_step_reference(steps, alpha, decay):
     attack = Attack(eps=16, steps=steps, alpha=alpha, decay=decay)
     adv = attack.perturb(model, x, y, torch.zeros(3, dtype=torch.int64))
     a = (alpha if alpha is not None else 16 / steps) / 255
-    ref = reference_mi(model.net, model.mean.flatten().tolist(), model.std.flatten().tolist(),
-                       model.input_size, x, y, 16 / 255, steps, a, decay)
+    ref = reference_mi(
+        model.net,
+        model.mean.flatten().tolist(),
+        model.std.flatten().tolist(),
+        model.input_size,
+        x,
+        y,
+        16 / 255,
+        steps,
+        a,
+        decay,
+    )
     assert torch.equal(adv, ref)
     assert (adv - x).abs().max() <= 16 / 255 + 1e-7
     assert ((adv - x).abs() > 1e-6).float().mean() > 0.5  # the attack moved most pixels
@@ -67,11 +79,16 @@ def test_image_result_does_not_depend_on_its_batch():
     attack = Attack()
     seeds = torch.arange(4)
     together = quantize(attack.perturb(model, x, y, seeds), (x * 255).round().to(torch.uint8), 16)
-    alone = torch.cat([
-        quantize(attack.perturb(model, x[i : i + 1], y[i : i + 1], seeds[i : i + 1]),
-                 (x[i : i + 1] * 255).round().to(torch.uint8), 16)
-        for i in range(4)
-    ])
+    alone = torch.cat(
+        [
+            quantize(
+                attack.perturb(model, x[i : i + 1], y[i : i + 1], seeds[i : i + 1]),
+                (x[i : i + 1] * 255).round().to(torch.uint8),
+                16,
+            )
+            for i in range(4)
+        ]
+    )
     assert torch.equal(together, alone)
 
 

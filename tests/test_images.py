@@ -19,7 +19,9 @@ def test_rounds_to_nearest_level_not_truncates():
 
 
 def test_rounding_past_eps_is_projected_back():
-    clean = torch.tensor([10, 10, 200, 0, 255], dtype=torch.uint8).view(1, 1, 1, 5).expand(1, 3, 1, 5)
+    clean = (
+        torch.tensor([10, 10, 200, 0, 255], dtype=torch.uint8).view(1, 1, 1, 5).expand(1, 3, 1, 5)
+    )
     # 16.6 levels away rounds to 17, one past eps; the last two try to leave [0, 255].
     adv = (clean.float() + torch.tensor([16.6, -16.6, 16.49, -3.0, 20.0]).view(1, 1, 1, 5)) / 255
     out = quantize(adv, clean, 16)

@@ -21,7 +21,9 @@ def atomic_write(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
-        raise UserError(f"Cannot write {path}: {e}. Free disk space or choose hydra.run.dir.") from e
+        raise UserError(
+            f"Cannot write {path}: {e}. Free disk space or choose hydra.run.dir."
+        ) from e
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

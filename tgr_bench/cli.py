@@ -19,7 +19,7 @@ def _main(cfg: DictConfig) -> None:
     try:
         run(cfg)
     except UserError as e:
-        # A short message, not a traceback: bad input is the user's to fix, and the message says how.
+        # A short message, not a traceback: the message says how to fix the input.
         print(f"tgr-bench: error: {e}", file=sys.stderr)
         _to_log_files(logging.ERROR, str(e))
         sys.exit(2)

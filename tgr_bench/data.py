@@ -92,9 +92,9 @@ def detect_layout(root: Path) -> tuple[str, Path, Path]:
     if (root / CSV_LABELS).is_file():
         return "csv", root, root / CSV_LABELS
     for images, labels in (
+        (root / "clean_resized_images", root / JSON_LABELS),  # the authors' repository root
         (root, root / JSON_LABELS),
         (root, root.parent / JSON_LABELS),
-        (root / "clean_resized_images", root / JSON_LABELS),
     ):
         if labels.is_file() and images.is_dir():
             return "json", images, labels

@@ -12,6 +12,7 @@ import hashlib
 import logging
 import os
 import socket
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,7 +87,10 @@ def pretrained_cfg(spec: ModelSpec) -> dict[str, Any]:
             f"Unknown timm architecture {arch!r} for model {spec.key!r}. Check the name with "
             f"`python -c \"import timm; print(timm.list_models('{arch[:4]}*'))\"`."
         )
-    cfg = timm.models.get_pretrained_cfg(spec.model) if tag else None
+    try:
+        cfg = timm.models.get_pretrained_cfg(spec.model) if tag else None
+    except RuntimeError:  # timm raises for a tag it does not know
+        cfg = None
     if tag and cfg is None:
         tags = [n for n in timm.list_pretrained(f"{arch}.*")]
         raise UserError(
@@ -279,11 +283,19 @@ class LoadedModel:
         }
 
 
-def build_model(spec: ModelSpec, weights: Weights, device: torch.device | str) -> LoadedModel:
-    """Create the timm architecture, load `weights` into it, wrap it for [0,1] pixels, eval()."""
+def build_model(
+    spec: ModelSpec, weights: Weights, device: torch.device | str, seed: int = 0
+) -> LoadedModel:
+    """Create the timm architecture, load `weights` into it, wrap it for [0,1] pixels, eval().
+
+    Random weights are drawn from a generator seeded by the model key and the run seed, so the
+    same key is the same network as source and as target, in every run with that seed.
+    """
     cfg = pretrained_cfg(spec)
     try:
-        net = timm.create_model(spec.model, pretrained=False, **spec.kwargs)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(zlib.crc32(spec.key.encode()) ^ (seed & 0xFFFFFFFF))
+            net = timm.create_model(spec.model, pretrained=False, **spec.kwargs)
     except TypeError as e:
         raise UserError(f"Bad kwargs for {spec.model!r} ({spec.key!r}): {e}") from e
     if weights.path is not None:

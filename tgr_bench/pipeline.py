@@ -44,7 +44,9 @@ def resolve_device(name: str | None) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as e:
-        raise UserError(f"device={name!r} is not a torch device (use auto, cpu, cuda, cuda:1).") from e
+        raise UserError(
+            f"device={name!r} is not a torch device (use auto, cpu, cuda, cuda:1)."
+        ) from e
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device={name} was asked for but torch sees no CUDA GPU; use device=cpu.")
     return device
@@ -80,7 +82,9 @@ def _target_specs(cfg: DictConfig) -> list[ModelSpec]:
 def image_seeds(stems: list[str], seed: int) -> torch.Tensor:
     """One seed per image from its name and the run seed: random draws of an image never depend
     on which other images share its batch."""
-    return torch.tensor([zlib.crc32(s.encode()) ^ (seed & 0xFFFFFFFF) for s in stems], dtype=torch.int64)
+    return torch.tensor(
+        [zlib.crc32(s.encode()) ^ (seed & 0xFFFFFFFF) for s in stems], dtype=torch.int64
+    )
 
 
 def _progress(console: Console) -> Progress:
@@ -130,6 +134,7 @@ def evaluate_targets(
     adv_images: torch.Tensor,
     batch_size: int,
     device: torch.device,
+    seed: int,
     console: Console,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Load each target once, predict clean and adversarial images, return metrics rows."""
@@ -137,19 +142,31 @@ def evaluate_targets(
     with _progress(console) as progress:
         for spec, weights in targets:
             if weights is None:
-                rows.append({"target": spec.key, "target_model": spec.model, "n": 0,
-                             "status": "missing checkpoint"})
+                rows.append(
+                    {
+                        "target": spec.key,
+                        "target_model": spec.model,
+                        "n": 0,
+                        "status": "missing checkpoint",
+                    }
+                )
                 continue
             task = progress.add_task(f"evaluating {spec.key}", total=2 * len(data))
-            target = build_model(spec, weights, device)
+            target = build_model(spec, weights, device, seed)
 
             def step(n: int, task: Any = task) -> None:
                 progress.advance(task, n)
 
             clean_pred = predict(target.model, data.images, batch_size, device, step)
             adv_pred = predict(target.model, adv_images, batch_size, device, step)
-            rows.append({"target": spec.key, "target_model": spec.model, "status": "ok",
-                         **metrics(data.labels, clean_pred, adv_pred)})
+            rows.append(
+                {
+                    "target": spec.key,
+                    "target_model": spec.model,
+                    "status": "ok",
+                    **metrics(data.labels, clean_pred, adv_pred),
+                }
+            )
             loaded.append(target.provenance())
             del target
             gc.collect()
@@ -208,10 +225,14 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
     }
 
     if attack is not None and source_spec is not None and source_weights is not None:
-        source = build_model(source_spec, source_weights, device)
+        source = build_model(source_spec, source_weights, device, seed)
         if source_weights.kind == "random" and not source_spec.model.startswith("test_"):
             log.warning("Source %s has random weights (pretrained=false)", source_spec.key)
         record["source"] = source.provenance()
+        if data.layout == "synthetic" and cfg.data.get("labels") == "source":
+            # Random-weight smoke models know no ImageNet: label each synthetic image with the
+            # source's own clean prediction so the white-box success rate means something.
+            data.labels = predict(source.model, data.images, eval_batch_size, device)
         record["attack"] = {"name": attack.name, "reference": attack.reference, **attack.params()}
         images_dir = out_dir / IMAGES_DIR
         record["crafting"] = craft(
@@ -229,11 +250,20 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
 
     rows, loaded = evaluate_targets(
         list(zip(target_specs, target_weights, strict=True)),
-        data, adv_images, eval_batch_size, device, console,
+        data,
+        adv_images,
+        eval_batch_size,
+        device,
+        seed,
+        console,
     )
     for row in rows:
-        row.update(source=source_key, attack=attack_name, params=params,
-                   white_box=row["target"] == source_key)
+        row.update(
+            source=source_key,
+            attack=attack_name,
+            params=params,
+            white_box=row["target"] == source_key,
+        )
     record["targets"] = loaded
     df = results_frame(rows)
     if rows:

@@ -29,7 +29,10 @@ COLUMNS = [
 
 def format_params(params: dict[str, Any]) -> str:
     """A stable, readable key for an attack's hyper-parameters: `alpha=1.6 decay=1.0 ...`."""
-    return " ".join(f"{k}={json.dumps(v) if isinstance(v, list | dict) else v}" for k, v in sorted(params.items()))
+    return " ".join(
+        f"{k}={json.dumps(v) if isinstance(v, list | dict) else v}"
+        for k, v in sorted(params.items())
+    )
 
 
 def results_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
@@ -69,6 +72,9 @@ def print_table(df: pd.DataFrame, title: str, console: Console | None = None) ->
         table.add_column(col, justify="left" if col == "target" else "right")
     for row in df.itertuples(index=False):
         name = f"{row.target} (white-box)" if row.white_box else row.target
-        fmt = [("-" if pd.isna(v) else f"{v:.1f}") for v in (row.asr, row.clean_acc, row.asr_on_correct)]
+        fmt = [
+            ("-" if pd.isna(v) else f"{v:.1f}")
+            for v in (row.asr, row.clean_acc, row.asr_on_correct)
+        ]
         table.add_row(name, str(row.n), *fmt)
     (console or Console()).print(table)

@@ -25,7 +25,9 @@ from tgr_bench.errors import UserError
 
 class Attack:
     name: ClassVar[str] = "mi"
-    reference: ClassVar[str] = "MI-FGSM: Dong et al., Boosting Adversarial Attacks with Momentum, CVPR 2018"
+    reference: ClassVar[str] = (
+        "MI-FGSM: Dong et al., Boosting Adversarial Attacks with Momentum, CVPR 2018"
+    )
 
     def __init__(
         self, eps: float = 16.0, steps: int = 10, alpha: float | None = None, decay: float = 1.0

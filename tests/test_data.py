@@ -1,0 +1,133 @@
+"""Both data layouts, and each kind of bad data input as a clear error naming the problem."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import write_images
+from tgr_bench.data import load_adversarial, load_folder, read_image
+from tgr_bench.errors import UserError
+
+
+def test_csv_layout(csv_set: Path):
+    data = load_folder(csv_set)
+    assert data.layout == "csv"
+    assert data.stems == [f"ILSVRC2012_val_{i:08d}" for i in range(1, 6)]
+    assert data.labels.tolist() == [0, 37, 74, 111, 148]
+    assert data.images.shape == (5, 3, 64, 64) and data.images.dtype == torch.uint8
+    # The stored pixels, unchanged.
+    assert torch.equal(data.images[2], read_image(csv_set / f"{data.stems[2]}.png"))
+
+
+def test_json_layout_with_labels_one_level_above(json_set: Path):
+    data = load_folder(json_set)
+    assert data.layout == "json"
+    assert data.labels.tolist() == [0, 37, 74, 111, 148]
+
+
+def test_json_layout_from_repository_root_and_labels_beside(json_set: Path, tmp_path: Path):
+    assert load_folder(json_set.parent).labels.tolist() == [0, 37, 74, 111, 148]
+    beside = tmp_path / "beside"
+    beside.mkdir()
+    for p in json_set.iterdir():
+        (beside / p.name).write_bytes(p.read_bytes())
+    (beside / "image_name_to_class_id_and_name.json").write_bytes(
+        (json_set.parent / "image_name_to_class_id_and_name.json").read_bytes()
+    )
+    assert len(load_folder(beside)) == 5
+
+
+def test_limit_takes_the_first_images_by_name(csv_set: Path):
+    data = load_folder(csv_set, limit=2)
+    assert data.stems == ["ILSVRC2012_val_00000001", "ILSVRC2012_val_00000002"]
+
+
+def test_missing_folder(tmp_path: Path):
+    with pytest.raises(UserError, match="does not exist.*data.root"):
+        load_folder(tmp_path / "nope")
+
+
+def test_folder_without_labels(tmp_path: Path):
+    write_images(tmp_path / "x", 2)
+    with pytest.raises(UserError, match="No labels found"):
+        load_folder(tmp_path / "x")
+
+
+def test_truncated_image_is_named(csv_set: Path):
+    victim = csv_set / "ILSVRC2012_val_00000003.png"
+    victim.write_bytes(victim.read_bytes()[:200])
+    with pytest.raises(UserError, match="ILSVRC2012_val_00000003.png"):
+        load_folder(csv_set)
+
+
+def test_not_an_image_is_named(csv_set: Path):
+    (csv_set / "ILSVRC2012_val_00000002.png").write_text("hello")
+    with pytest.raises(UserError, match="Cannot read image .*ILSVRC2012_val_00000002.png"):
+        load_folder(csv_set)
+
+
+def test_grayscale_image_is_refused(csv_set: Path):
+    Image.new("L", (64, 64)).save(csv_set / "ILSVRC2012_val_00000001.png")
+    with pytest.raises(UserError, match="mode 'L'"):
+        load_folder(csv_set)
+
+
+@pytest.mark.parametrize(
+    "label,match", [("1000", "outside 0..999"), ("-1", "outside"), ("cat", "not an integer")]
+)
+def test_bad_label(csv_set: Path, label: str, match: str):
+    rows = list(csv.reader((csv_set / "labels.csv").read_text().splitlines()))
+    rows[2][1] = label
+    with open(csv_set / "labels.csv", "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    with pytest.raises(UserError, match=match):
+        load_folder(csv_set)
+
+
+def test_json_label_outside_range(json_set: Path):
+    path = json_set.parent / "image_name_to_class_id_and_name.json"
+    table = json.loads(path.read_text())
+    table["ILSVRC2012_val_00000004.JPEG"]["class_id"] = 1000
+    path.write_text(json.dumps(table))
+    with pytest.raises(UserError, match="ILSVRC2012_val_00000004.JPEG"):
+        load_folder(json_set)
+
+
+def test_image_without_label(json_set: Path):
+    write_images(json_set, 6, seed=3)  # adds ILSVRC2012_val_00000006 with no json entry
+    with pytest.raises(UserError, match="no entry"):
+        load_folder(json_set)
+
+
+def test_listed_file_missing(csv_set: Path):
+    (csv_set / "ILSVRC2012_val_00000005.png").unlink()
+    with pytest.raises(UserError, match="missing"):
+        load_folder(csv_set)
+
+
+def test_duplicate_stems_across_extensions(csv_set: Path):
+    write_images(csv_set, 1, ext=".jpg")
+    with pytest.raises(UserError, match="share the name"):
+        load_folder(csv_set)
+
+
+def test_mixed_sizes(csv_set: Path):
+    write_images(csv_set, 1, size=32)
+    with pytest.raises(UserError, match="differ in size"):
+        load_folder(csv_set)
+
+
+def test_adversarial_folder_must_cover_every_clean_image(csv_set: Path, tmp_path: Path):
+    clean = load_folder(csv_set)
+    adv = tmp_path / "adv"
+    write_images(adv, 4)
+    with pytest.raises(UserError, match="1 of 5 clean images have no adversarial image"):
+        load_adversarial(adv, clean)
+    write_images(adv, 5)
+    assert load_adversarial(adv, clean).shape == clean.images.shape

@@ -1,0 +1,195 @@
+"""run(cfg) end to end on tiny real timm models: files, eps, metrics, provenance, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import timm
+import torch
+from omegaconf import OmegaConf
+
+from tgr_bench.data import read_image, synthetic
+from tgr_bench.errors import UserError
+from tgr_bench.pipeline import run
+
+SMOKE_TARGETS = ["test_vit", "test_convnext", "test_efficientnet"]
+
+
+def target_checkpoints(tmp_path: Path) -> tuple[list[str], dict[str, torch.nn.Module]]:
+    """Fixed weights for the smoke's CNN targets, so the test can recompute their predictions;
+    the ViT target keeps the source's (seeded random) weights: it is the white-box cell."""
+    overrides, nets = [], {}
+    for i, key in enumerate(SMOKE_TARGETS[1:]):
+        torch.manual_seed(100 + i)
+        net = timm.create_model(f"{key}.r160_in1k", pretrained=False).eval()
+        path = tmp_path / f"{key}.pth"
+        torch.save(net.state_dict(), path)
+        overrides.append(f"targets.{key}.checkpoint={path}")
+        nets[key] = net
+    return overrides, nets
+
+
+def predict_independently(net: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    cfg = net.pretrained_cfg
+    x = images.float() / 255
+    x = torch.nn.functional.interpolate(
+        x, size=cfg["input_size"][1:], mode="bilinear", align_corners=False
+    )
+    mean, std = (torch.tensor(cfg[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
+    with torch.no_grad():
+        return net((x - mean) / std).argmax(1)
+
+
+def test_smoke_experiment_end_to_end(make_cfg, tmp_path: Path):
+    overrides, nets = target_checkpoints(tmp_path)
+    out = tmp_path / "run"
+    record = run(make_cfg("experiment=smoke", *overrides), output_dir=out)
+
+    clean = synthetic(8)
+    pngs = sorted((out / "images").glob("*.png"))
+    assert [p.stem for p in pngs] == clean.stems
+    adv = torch.stack([read_image(p) for p in pngs])
+    diff = (adv.int() - clean.images.int()).abs()
+    assert diff.max() <= 16 and diff.float().mean() > 4  # within eps, and really perturbed
+
+    df = pd.read_csv(out / "results.csv")
+    assert df.target.tolist() == SMOKE_TARGETS
+    assert set(df.source) == {"test_vit"} and set(df.attack) == {"mi"}
+    assert set(df.params) == {"alpha=1.6 decay=1.0 eps=16.0 steps=10"}
+    assert df.white_box.tolist() == [True, False, False]
+    white = df[df.white_box].iloc[0]
+    # Smoke labels are the source's clean predictions, and the white-box target is the source.
+    assert (white.clean_acc, white.asr, white.asr_on_correct) == (100.0, 100.0, 100.0)
+    for row in df[~df.white_box].itertuples():
+        clean_pred = predict_independently(nets[row.target], clean.images)
+        adv_pred = predict_independently(nets[row.target], adv)
+        assert row.n == 8
+        assert row.asr == pytest.approx(100 * (adv_pred != clean.labels).float().mean().item())
+        assert row.clean_acc == pytest.approx(
+            100 * (clean_pred == clean.labels).float().mean().item()
+        )
+    assert (out / "results.md").read_text().count("\n| test_vit | mi | alpha=1.6") == 3
+
+    saved = json.loads((out / "run.json").read_text())
+    assert saved == json.loads(json.dumps(record, default=str))
+    assert saved["status"] == "complete" and saved["n_images"] == 8
+    assert saved["config"]["attack"] == {
+        "name": "mi",
+        "eps": 16,
+        "steps": 10,
+        "alpha": None,
+        "decay": 1.0,
+    }
+    assert {"python", "torch", "timm", "tgr_bench"} <= set(saved["versions"])
+    assert (
+        saved["source"]["model"] == "test_vit.r160_in1k" and saved["source"]["weights"] == "random"
+    )
+    assert [t["weights"] for t in saved["targets"]] == ["random", "checkpoint", "checkpoint"]
+    assert all(len(t["sha256"]) == 64 for t in saved["targets"][1:])
+    assert saved["crafting"]["linf_levels_max"] <= 16
+    assert saved["started"] <= saved["finished"]
+
+
+def test_evaluating_an_existing_folder_gives_the_same_numbers(make_cfg, tmp_path: Path):
+    overrides, _ = target_checkpoints(tmp_path)
+    run(
+        make_cfg("experiment=smoke", "data.n=4", "data.labels=random", *overrides),
+        output_dir=tmp_path / "a",
+    )
+    record = run(
+        make_cfg(
+            "experiment=smoke",
+            "data.n=4",
+            "data.labels=random",
+            f"adv_dir={tmp_path / 'a' / 'images'}",
+            *overrides,
+        ),
+        output_dir=tmp_path / "b",
+    )
+    a = pd.read_csv(tmp_path / "a" / "results.csv")
+    b = pd.read_csv(tmp_path / "b" / "results.csv")
+    assert a.target.tolist() == b.target.tolist()
+    assert a.asr.tolist() == b.asr.tolist() and a.clean_acc.tolist() == b.clean_acc.tolist()
+    assert set(b.source) == {"external"} and record["adv_dir"].endswith("images")
+    assert not (tmp_path / "b" / "images").exists()
+
+
+def test_both_folder_layouts_run(make_cfg, tmp_path: Path, csv_set: Path, json_set: Path):
+    for name, root in (("csv", csv_set), ("json", json_set)):
+        out = tmp_path / name
+        run(
+            make_cfg(
+                "experiment=smoke",
+                "data=folder",
+                f"data.root={root}",
+                "attack.steps=2",
+                "targets=none",
+            ),
+            output_dir=out,
+        )
+        assert sorted(p.stem for p in (out / "images").iterdir()) == [
+            f"ILSVRC2012_val_{i:08d}" for i in range(1, 6)
+        ]
+        assert json.loads((out / "run.json").read_text())["data"]["layout"] == name
+        assert not (out / "results.csv").exists()  # targets=none: craft and save only
+
+
+def test_crafting_does_not_depend_on_batch_size(make_cfg, tmp_path: Path):
+    for bs in (1, 3):
+        run(
+            make_cfg("experiment=smoke", "data.n=5", "targets=none", f"batch_size={bs}"),
+            output_dir=tmp_path / f"bs{bs}",
+        )
+    for p in sorted((tmp_path / "bs1" / "images").iterdir()):
+        assert p.read_bytes() == (tmp_path / "bs3" / "images" / p.name).read_bytes()
+
+
+def test_target_without_required_checkpoint_is_missing_not_zero(make_cfg, tmp_path: Path):
+    cfg = make_cfg("experiment=smoke", "data.n=2", "attack.steps=1")
+    OmegaConf.set_struct(cfg, False)
+    cfg.targets.inc_v3_ens3 = {
+        "key": "inc_v3_ens3",
+        "model": "inception_v3.tf_in1k",
+        "pretrained": False,
+        "requires_checkpoint": True,
+    }
+    run(cfg, output_dir=tmp_path)
+    df = pd.read_csv(tmp_path / "results.csv")
+    row = df[df.target == "inc_v3_ens3"].iloc[0]
+    assert row.status == "missing checkpoint" and pd.isna(row.asr)
+    assert (df[df.target != "inc_v3_ens3"].status == "ok").all()
+
+
+def _corrupt(root: Path) -> None:
+    p = root / "ILSVRC2012_val_00000002.png"
+    p.write_bytes(p.read_bytes()[:100])
+
+
+@pytest.mark.parametrize(
+    "overrides,prepare,match",
+    [
+        (["data=folder", "data.root=/no/such/folder"], None, "does not exist"),
+        (["data=folder"], None, "data.root is not set"),
+        (["data=folder", "data.root={csv}"], _corrupt, "ILSVRC2012_val_00000002.png"),
+        (["source.model=no_such_arch"], None, "Unknown timm architecture"),
+        (["attack.eps=0"], None, "outside"),
+        (["attack.eps=255.5"], None, "outside"),
+        (["attack.steps=0"], None, "steps"),
+        (["batch_size=0"], None, "batch_size"),
+        (["device=cuda:7"], None, "device"),
+        (["source.checkpoint=/no/such.pth"], None, "not found"),
+    ],
+)
+def test_bad_input_fails_before_any_work(
+    make_cfg, tmp_path: Path, csv_set: Path, overrides, prepare, match
+):
+    if prepare:
+        prepare(csv_set)
+    cfg = make_cfg("experiment=smoke", *(o.format(csv=csv_set) for o in overrides))
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match=match):
+        run(cfg, output_dir=out)
+    assert not out.exists()  # nothing written, nothing that looks like a result
