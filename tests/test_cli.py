@@ -18,7 +18,9 @@ from tests.conftest import cli
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def sh(args: list[str], env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def sh(
+    args: list[str], env: dict | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
     return subprocess.run(args, capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
 
 
@@ -36,7 +38,8 @@ def test_smoke_through_the_console_script(tmp_path: Path):
 
 def test_python_dash_m_and_targets_none(tmp_path: Path):
     out = tmp_path / "run"
-    args = ["experiment=smoke", "data.n=2", "attack.steps=1", "targets=none", f"hydra.run.dir={out}"]
+    args = ["experiment=smoke", "data.n=2", "attack.steps=1", "targets=none",
+            f"hydra.run.dir={out}"]
     r = sh([sys.executable, "-m", "tgr_bench", *args], cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in (out / "images").iterdir()) == [
@@ -50,7 +53,8 @@ def test_multirun_sweep_gives_one_run_per_value(tmp_path: Path):
                f"hydra.sweep.dir={sweep}"), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     runs = sorted(p for p in sweep.iterdir() if p.is_dir() and (p / "run.json").exists())
-    assert [json.loads((p / "run.json").read_text())["config"]["attack"]["steps"] for p in runs] == [1, 2]
+    steps = [json.loads((p / "run.json").read_text())["config"]["attack"]["steps"] for p in runs]
+    assert steps == [1, 2]
 
 
 def test_bad_input_is_one_clear_paragraph(tmp_path: Path):
@@ -76,8 +80,8 @@ def test_unknown_choice_lists_valid_ones(tmp_path: Path, override: str, listed: 
 def test_no_network_stops_within_seconds(tmp_path: Path):
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0"}
     t0 = time.monotonic()
-    r = sh(cli("source=vit_base", "targets=none", "data=synthetic", f"hydra.run.dir={tmp_path / 'r'}"),
-           env=env, cwd=tmp_path)
+    args = ["source=vit_base", "targets=none", "data=synthetic", f"hydra.run.dir={tmp_path / 'r'}"]
+    r = sh(cli(*args), env=env, cwd=tmp_path)
     assert time.monotonic() - t0 < 60
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "vit_base_patch16_224.augreg_in21k_ft_in1k" in r.stderr and "checkpoint=" in r.stderr
@@ -97,10 +101,10 @@ def test_wheel_ships_the_configs(tmp_path: Path):
     zipfile.ZipFile(wheel).extractall(site)
     code = ("import tgr_bench, hydra\n"
             "from hydra import compose, initialize_config_module\n"
-            "assert tgr_bench.__file__.startswith(%r), tgr_bench.__file__\n"
+            f"assert tgr_bench.__file__.startswith({str(site)!r}), tgr_bench.__file__\n"
             "with initialize_config_module('tgr_bench.conf', version_base='1.3'):\n"
             "    cfg = compose('config', overrides=['experiment=smoke'])\n"
-            "print(cfg.source.model, len(cfg.targets))\n") % str(site)
+            "print(cfg.source.model, len(cfg.targets))\n")
     r = sh([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(site)}, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["test_vit.r160_in1k", "3"]
