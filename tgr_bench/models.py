@@ -21,6 +21,7 @@ from urllib.parse import urlparse
 import timm
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from torch import nn
 
 from tgr_bench.errors import UserError
@@ -51,7 +52,7 @@ class ModelSpec:
 
     @classmethod
     def from_cfg(cls, cfg: Any) -> ModelSpec:
-        d = dict(cfg)
+        d = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
         unknown = set(d) - {f for f in cls.__dataclass_fields__}
         if unknown:
             raise UserError(
