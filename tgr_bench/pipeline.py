@@ -109,10 +109,12 @@ def craft(
     console: Console,
 ) -> dict[str, Any]:
     """Attack every image in batches and write `<stem>.png` into out_dir."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     seeds = image_seeds(data.stems, seed)
     worst = 0
-    with _progress(console) as progress, attack.source_context(source.model):
+    # The context checks the source (supported family, every component fires, k fits) before
+    # anything is written.
+    with attack.source_context(source.model), _progress(console) as progress:
+        out_dir.mkdir(parents=True, exist_ok=True)
         task = progress.add_task(f"crafting {attack.name} on {source.spec.key}", total=len(data))
         for start in range(0, len(data), batch_size):
             sl = slice(start, start + batch_size)

@@ -41,17 +41,29 @@ DEFAULT_GAMMA = {"attn": 0.25, "qkv": 0.75, "mlp": 0.5}
 
 
 # ---- the regularizer R(G; gamma, k) ------------------------------------------------------------
+def extreme_indices(g: torch.Tensor, dim: int, k: int) -> torch.Tensor:
+    """Indices of the k largest and the k smallest (signed) entries of g along `dim`.
+
+    Ties go to the lowest index, as numpy's argmax/argmin in the released code: gradients that
+    are constant over positions (Visformer's last MLP, under global pooling) would otherwise get
+    an arbitrary position from topk.
+    """
+    if k == 1:
+        return torch.stack([g.argmax(dim), g.argmin(dim)], dim)
+    top = g.sort(dim=dim, descending=True, stable=True).indices.narrow(dim, 0, k)
+    bottom = g.sort(dim=dim, stable=True).indices.narrow(dim, 0, k)
+    return torch.cat([top, bottom], dim)
+
+
 def zero_extremes(g: torch.Tensor, dim: int, k: int) -> torch.Tensor:
     """Zero the k largest and the k smallest (signed) entries of g along `dim`."""
-    idx = torch.cat([g.topk(k, dim).indices, g.topk(k, dim, largest=False).indices], dim)
-    return g * torch.ones_like(g).scatter_(dim, idx, 0.0)
+    return g * torch.ones_like(g).scatter_(dim, extreme_indices(g, dim, k), 0.0)
 
 
 def zero_rows_cols(g: torch.Tensor, k: int) -> torch.Tensor:
     """(B, heads, N, M): per head, zero the rows and columns through its k max and k min."""
     b, h, n, m = g.shape
-    flat = g.reshape(b, h, n * m)
-    idx = torch.cat([flat.topk(k, -1).indices, flat.topk(k, -1, largest=False).indices], -1)
+    idx = extreme_indices(g.reshape(b, h, n * m), -1, k)
     keep_rows = torch.ones(b, h, n, dtype=g.dtype, device=g.device).scatter_(-1, idx // m, 0.0)
     keep_cols = torch.ones(b, h, m, dtype=g.dtype, device=g.device).scatter_(-1, idx % m, 0.0)
     return g * keep_rows.unsqueeze(-1) * keep_cols.unsqueeze(-2)
@@ -239,8 +251,9 @@ class TGR(Attack):
         net = getattr(model, "net", model)
         family = family_of(net)
         self._family = family.name
-        self._sites = [b for b in bind_sites(net, family, self.variant)
-                       if b.site.component in self.components]
+        self._sites = [
+            b for b in bind_sites(net, family, self.variant) if b.site.component in self.components
+        ]
         previous = set_fused_attn(net, False)
         handles = [h for b in self._sites for h in self._install(b)]
         try:

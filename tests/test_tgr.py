@@ -1,0 +1,485 @@
+"""TGR against tgr.md, on tiny random-weight variants of each of the four source families."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import timm
+import torch
+
+from tests.conftest import cli
+from tgr_bench.architectures import (
+    HEADS_PER_KEY,
+    INPUT,
+    KEYS,
+    OUTPUT,
+    ROWCOL,
+    SOFTMAX_INPUT,
+    SPATIAL,
+    TOKENS,
+    bind_sites,
+    family_of,
+)
+from tgr_bench.attacks import TGR, Attack, build_attack
+from tgr_bench.attacks import tgr as tgr_module
+from tgr_bench.attacks.tgr import regularize
+from tgr_bench.errors import UserError
+from tgr_bench.images import quantize
+from tgr_bench.models import PixelModel
+from tgr_bench.pipeline import run
+
+TINY = {  # the same kwargs as conf/source/test_*.yaml
+    "vit": ("vit_base_patch16_224", dict(depth=2, embed_dim=48, num_heads=3, img_size=64)),
+    "deit": (
+        "deit_base_distilled_patch16_224",
+        dict(depth=2, embed_dim=48, num_heads=3, img_size=64),
+    ),
+    "pit": ("pit_b_224", dict(base_dims=[8, 8, 8], heads=[2, 2, 2], depth=[2, 2, 1], img_size=64)),
+    "cait": (
+        "cait_s24_224",
+        dict(depth=2, embed_dim=32, num_heads=4, img_size=64, init_values=1.0),
+    ),
+    "visformer": (
+        "visformer_small",
+        dict(init_channels=8, embed_dim=48, depth=(1, 1, 1), num_heads=2, img_size=64),
+    ),
+}
+
+
+def tiny(family: str, seed: int = 0) -> PixelModel:
+    name, kwargs = TINY[family]
+    torch.manual_seed(seed)
+    net = timm.create_model(name, pretrained=False, **kwargs).eval()
+    return PixelModel(net, (0.5,) * 3, (0.25,) * 3, 64).eval().requires_grad_(False)
+
+
+def batch(n: int, seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(n, 3, 64, 64, generator=g) * 255).round() / 255, torch.randint(
+        0, 1000, (n,), generator=g
+    )
+
+
+def grad_of(attack: Attack, model, x, y) -> torch.Tensor:
+    return attack.input_gradient(model, x, torch.zeros_like(x), y, 0, torch.zeros(len(x)))
+
+
+# ---- an independent, loop-by-loop reading of tgr.md section 2 ----------------------------------
+def extremes(values: torch.Tensor, k: int) -> set[int]:
+    """k largest and k smallest; among equal values the first position, as numpy's argmax."""
+    top = torch.sort(values, descending=True, stable=True).indices[:k]
+    bottom = torch.sort(values, stable=True).indices[:k]
+    return set(top.tolist()) | set(bottom.tolist())
+
+
+def naive(g: torch.Tensor, rule: str, gamma: float, k: int) -> torch.Tensor:
+    out = g.clone() * gamma
+    for b in range(g.shape[0]):
+        if rule == TOKENS:  # (B,N,C): per channel over tokens
+            for c in range(g.shape[2]):
+                for t in extremes(g[b, :, c], k):
+                    out[b, t, c] = 0
+        elif rule == SPATIAL:  # (B,C,H,W): per channel over (h, w)
+            w = g.shape[3]
+            for c in range(g.shape[1]):
+                for p in extremes(g[b, c].flatten(), k):
+                    out[b, c, p // w, p % w] = 0
+        elif rule == ROWCOL:  # (B,heads,N,M): rows and columns through the extremes
+            m = g.shape[3]
+            for h in range(g.shape[1]):
+                for p in extremes(g[b, h].flatten(), k):
+                    out[b, h, p // m, :] = 0
+                    out[b, h, :, p % m] = 0
+        elif rule == HEADS_PER_KEY:  # (B,heads,1,N): per key over heads
+            for n in range(g.shape[3]):
+                for h in extremes(g[b, :, 0, n], k):
+                    out[b, h, 0, n] = 0
+        elif rule == KEYS:  # (B,heads,1,N): per head over keys
+            for h in range(g.shape[1]):
+                for n in extremes(g[b, h, 0], k):
+                    out[b, h, 0, n] = 0
+    return out
+
+
+# ---- 1. the regularizer on hand-made tensors ----------------------------------------------------
+def test_token_rule_k1_by_hand():
+    g = torch.tensor([[[3.0, 1.0], [-1.0, 2.0], [0.0, -3.0], [5.0, 0.5]]])  # (1, N=4, C=2)
+    out = regularize(g, TOKENS, 0.5, 1)
+    # channel 0: max 5 (token 3), min -1 (token 1); channel 1: max 2 (token 1), min -3 (token 2)
+    assert out.tolist() == [[[1.5, 0.5], [0.0, 0.0], [0.0, 0.0], [0.0, 0.25]]]
+
+
+def test_token_rule_k2_by_hand():
+    g = torch.tensor([[[3.0], [-1.0], [0.0], [5.0], [1.0]]])  # (1, N=5, C=1)
+    out = regularize(g, TOKENS, 1.0, 2)
+    assert out.flatten().tolist() == [0.0, 0.0, 0.0, 0.0, 1.0]  # only the median survives
+
+
+def test_row_column_rule_k1_by_hand():
+    g = torch.tensor(
+        [[[[1.0, 2.0, 9.0], [4.0, 5.0, 6.0], [7.0, -8.0, 3.0]]]]
+    )  # max (0,2), min (2,1)
+    out = regularize(g, ROWCOL, 0.25, 1)
+    expected = torch.zeros(1, 1, 3, 3)
+    expected[0, 0, 1, 0] = 1.0  # row 0, row 2, column 2 and column 1 are zeroed
+    assert torch.equal(out, expected)
+
+
+def test_row_column_rule_k2_by_hand():
+    g = torch.arange(16.0).view(1, 1, 4, 4)  # max 15 (3,3), 14 (3,2); min 0 (0,0), 1 (0,1)
+    out = regularize(g, ROWCOL, 1.0, 2)
+    expected = torch.zeros(1, 1, 4, 4)
+    expected[0, 0, 1:3, :] = g[0, 0, 1:3, :]
+    expected[..., [0, 1, 2, 3]] *= torch.tensor([0.0, 0.0, 0.0, 0.0])  # every column is hit
+    assert torch.equal(out, expected)
+    g5 = torch.arange(25.0).view(1, 1, 5, 5)  # rows 0, 4 and columns 0, 1, 3, 4 go
+    out5 = regularize(g5, ROWCOL, 1.0, 2)
+    assert out5.nonzero().tolist() == [[0, 0, r, 2] for r in (1, 2, 3)]
+
+
+def test_channel_rule_is_per_sample_and_per_channel():
+    g = torch.randn(3, 7, 5, generator=torch.Generator().manual_seed(0))
+    g[1] = -g[0]  # sample 1's maxima are sample 0's minima: shared extremes would be wrong
+    for k in (1, 2):
+        out = regularize(g, TOKENS, 0.75, k)
+        assert torch.equal(out, naive(g, TOKENS, 0.75, k))
+        assert int((out == 0).sum()) == 3 * 5 * 2 * k
+        for b in range(3):
+            assert torch.equal(out[b : b + 1], regularize(g[b : b + 1], TOKENS, 0.75, k))
+
+
+@pytest.mark.parametrize(
+    "rule,shape",
+    [
+        (ROWCOL, (2, 3, 6, 6)),
+        (SPATIAL, (2, 4, 3, 5)),
+        (HEADS_PER_KEY, (2, 5, 1, 9)),
+        (KEYS, (2, 5, 1, 9)),
+    ],
+)
+@pytest.mark.parametrize("k", [1, 2])
+def test_every_rule_matches_the_loop_reading(rule, shape, k):
+    g = torch.randn(*shape, generator=torch.Generator().manual_seed(k))
+    assert torch.equal(regularize(g, rule, 0.5, k), naive(g, rule, 0.5, k))
+
+
+# ---- 2. each component alone changes the gradient; off restores it -----------------------------
+@pytest.mark.parametrize("family", ["vit", "pit", "cait", "visformer"])
+def test_each_component_changes_the_gradient_and_removal_restores_it(family):
+    model = tiny(family)
+    x, y = batch(2)
+    mi = grad_of(Attack(), model, x, y)
+    fused_before = [m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")]
+    for component in ("attn", "qkv", "mlp"):
+        attack = TGR(components=[component])
+        with attack.source_context(model):
+            g = grad_of(attack, model, x, y)
+        assert attack.fired[component] > 0 and set(attack.fired) == {component}
+        assert (g - mi).abs().max() > 1e-3 * mi.abs().max(), component
+        assert torch.equal(grad_of(Attack(), model, x, y), mi)  # hooks gone
+    assert [m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")] == fused_before
+
+
+def test_gamma_one_with_k_zero_effect_is_not_allowed_but_gamma_scales():
+    model = tiny("vit")
+    x, y = batch(1)
+    a = TGR(components=["mlp"], gamma={"mlp": 0.0})
+    with a.source_context(model):
+        g0 = grad_of(a, model, x, y)
+    b = TGR(components=["mlp"], gamma={"mlp": 1.0})
+    with b.source_context(model):
+        g1 = grad_of(b, model, x, y)
+    assert not torch.equal(g0, g1)
+    with pytest.raises(UserError, match="k=0"):
+        TGR(k=0)
+
+
+# ---- 3. batch invariance ------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["vit", "deit", "pit", "cait", "visformer"])
+def test_batch_equals_alone(family):
+    model = tiny(family)
+    x, y = batch(3)
+    attack = TGR()
+    with attack.source_context(model):
+        together = grad_of(attack, model, x, y)
+        alone = torch.cat([grad_of(attack, model, x[i : i + 1], y[i : i + 1]) for i in range(3)])
+        # Equal up to float summation order of batched kernels; the PNGs below are identical.
+        assert torch.allclose(together, alone, rtol=1e-3, atol=1e-4 * together.abs().max())
+        seeds = torch.zeros(3, dtype=torch.int64)
+        clean = (x * 255).round().to(torch.uint8)
+        png_together = quantize(attack.perturb(model, x, y, seeds), clean, 16)
+        png_alone = torch.cat(
+            [
+                quantize(
+                    attack.perturb(model, x[i : i + 1], y[i : i + 1], seeds[i : i + 1]),
+                    clean[i : i + 1],
+                    16,
+                )
+                for i in range(3)
+            ]
+        )
+    assert torch.equal(png_together, png_alone)
+
+
+# ---- 4. the fired-count check and up-front errors ----------------------------------------------
+def test_fused_attention_left_on_is_caught(monkeypatch: pytest.MonkeyPatch):
+    model = tiny("vit")
+    assert any(getattr(m, "fused_attn", False) for m in model.modules())  # timm's default
+    monkeypatch.setattr(tgr_module, "set_fused_attn", lambda net, enabled: [])
+    attack = TGR()
+    with pytest.raises(UserError, match=r"\['attn'\] never fired"), attack.source_context(model):
+        pytest.fail("the context must refuse to start")
+
+
+def test_unsupported_source_lists_supported_families():
+    model = PixelModel(
+        timm.create_model("test_convnext", pretrained=False), (0.5,) * 3, (0.5,) * 3, 64
+    )
+    context = TGR().source_context(model)
+    with pytest.raises(UserError, match="supported families are vit .*pit .*cait .*visformer"):
+        context.__enter__()
+
+
+@pytest.mark.parametrize(
+    "params,match",
+    [
+        ({"gamma": {"attn": 1.5}}, "outside"),
+        ({"gamma": {"mlp": -0.1}}, "outside"),
+        ({"gamma": {"ffn": 0.5}}, "unknown components"),
+        ({"components": ["attn", "proj"]}, "components"),
+        ({"components": []}, "components"),
+        ({"variant": "paper"}, "variant"),
+        ({"k": 1.5}, "k="),
+    ],
+)
+def test_bad_tgr_parameters(params, match):
+    with pytest.raises(UserError, match=match):
+        build_attack({"name": "tgr", **params})
+
+
+def test_k_larger_than_tokens_fails_before_any_work(make_cfg, tmp_path: Path):
+    cfg = make_cfg(
+        "experiment=smoke", "attack=tgr", "source=test_deit", "attack.k=40", "targets=none"
+    )
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match="attack.k=40 is larger than the 18 positions"):
+        run(cfg, output_dir=out)
+    assert not out.exists()
+
+
+def test_unsupported_source_fails_before_any_work(make_cfg, tmp_path: Path):
+    cfg = make_cfg("experiment=smoke", "attack=tgr", "source=test_convnext", "targets=none")
+    with pytest.raises(UserError, match="does not support"):
+        run(cfg, output_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+# ---- 5. the gradient reaching each regularized tensor's producer -------------------------------
+def capture(bound, log: dict):
+    """Hooks, registered ahead of TGR's, that record the gradient arriving at Z and the gradient
+    that leaves Z for its producer."""
+    site, key = bound.site, bound.name
+
+    def arrive(g):
+        log.setdefault(key, {})["arrive"] = g.detach().clone()
+
+    def reach(grad_outputs):
+        log.setdefault(key, {})["reach"] = grad_outputs[0].detach().clone()
+
+    if site.where == OUTPUT:
+
+        def hook(module, args, out):
+            out.register_hook(arrive)
+            out.grad_fn.register_prehook(reach)
+
+        return bound.module.register_forward_hook(hook, prepend=True)
+    if site.where == SOFTMAX_INPUT:
+
+        def hook(module, args, p):
+            def at_p(gp):  # softmax backward from first principles: dS = P * (dP - <dP, P>)
+                arrive(p.detach() * (gp - (gp * p.detach()).sum(-1, keepdim=True)))
+
+            p.register_hook(at_p)
+            p.grad_fn.next_functions[0][0].register_prehook(reach)
+
+        return bound.module.register_forward_hook(hook, prepend=True)
+    assert site.where == INPUT
+
+    def pre(module, args):
+        args[0].grad_fn.register_prehook(reach)
+
+    def post(module, args, out):
+        out.grad_fn.register_hook(lambda gin, gout: arrive(gin[0]))
+
+    return [
+        bound.module.register_forward_pre_hook(pre, prepend=True),
+        bound.module.register_forward_hook(post, prepend=True),
+    ]
+
+
+@pytest.mark.parametrize("family", ["vit", "deit", "pit", "cait", "visformer"])
+@pytest.mark.parametrize("k", [1, 2])
+def test_gradient_at_every_site_is_the_spec_transform(family, k):
+    model = tiny(family)
+    x, y = batch(2)
+    attack = TGR(k=k, variant="official")
+    sites = bind_sites(model.net, family_of(model.net), "official")
+    log: dict = {}
+    handles = []
+    for b in sites:
+        h = capture(b, log)
+        handles += h if isinstance(h, list) else [h]
+    with attack.source_context(model):
+        log.clear()  # drop the probe's captures
+        grad_of(attack, model, x, y)
+    for h in handles:
+        h.remove()
+    assert set(log) == {b.name for b in sites}
+    for b in sites:
+        got, arrive = log[b.name]["reach"], log[b.name]["arrive"]
+        kk = 1 if b.site.clamp_k else k
+        want = naive(arrive, b.site.rule, attack.gamma[b.site.component], kk)
+        scale = arrive.abs().max()
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-5 * scale), (
+            b.name,
+            (got - want).abs().max(),
+        )
+        assert int((got == 0).sum()) >= int((want == 0).sum()) - 0  # the zeros are exact
+
+
+# ---- 6. CaiT's class-attention blocks, both variants -------------------------------------------
+def cait_log(variant: str) -> tuple[dict, dict]:
+    model = tiny("cait")
+    x, y = batch(2)
+    net = model.net
+    record: dict = {}
+
+    def keep(name):
+        def save(g):
+            record.setdefault(name, g.detach().clone())
+
+        def hook(module, args, out):
+            out.register_hook(save)
+
+        return hook
+
+    handles = [net.blocks_token_only[i].attn.q.register_forward_hook(keep(f"q{i}")) for i in (0, 1)]
+    handles += [net.blocks_token_only[i].mlp.register_forward_hook(keep(f"mlp{i}")) for i in (0, 1)]
+    reach: dict = {}
+
+    def leaving(key):
+        def save(grad_outputs):
+            reach.setdefault(key, grad_outputs[0].detach().clone())
+
+        def hook(module, args, out):
+            out.grad_fn.register_prehook(save)
+
+        return hook
+
+    for i in (0, 1):
+        block = net.blocks_token_only[i]
+        handles.append(block.attn.q.register_forward_hook(leaving(f"q{i}")))
+        handles.append(block.mlp.register_forward_hook(leaving(f"mlp{i}")))
+    attack = TGR(variant=variant)
+    with attack.source_context(model):
+        record.clear()
+        reach.clear()
+        grad_of(attack, model, x, y)
+    for h in handles:
+        h.remove()
+    return record, reach
+
+
+def test_cait_official_quirks():
+    model = tiny("cait")
+    names = [b.name for b in bind_sites(model.net, family_of(model.net), "official")]
+    assert any(n.startswith("blocks_token_only.1.") for n in names)
+    assert not any(n.startswith("blocks_token_only.0.") for n in names)  # the loop skipped 0
+    assert "blocks_token_only.1.attn.q" not in names  # q: no effect
+    assert {"blocks_token_only.1.attn.k", "blocks_token_only.1.attn.v"} <= set(names)
+    arrive, reach = cait_log("official")
+    assert torch.equal(reach["q1"], arrive["q1"])  # q untouched
+    assert torch.equal(reach["mlp0"], arrive["mlp0"])  # block 0 untouched
+    assert arrive["mlp1"].abs().max() > 0 and (reach["mlp1"] == 0).all()  # one token: zeroed
+
+
+def test_cait_clean_variant():
+    model = tiny("cait")
+    bound = bind_sites(model.net, family_of(model.net), "clean")
+    names = [b.name for b in bound]
+    for i in (0, 1):
+        assert f"blocks_token_only.{i}.attn.attn_drop" in names
+        assert (
+            f"blocks_token_only.{i}.mlp" not in names
+            and f"blocks_token_only.{i}.attn.q" not in names
+        )
+    assert {b.site.rule for b in bound if b.name.startswith("blocks_token_only")} == {KEYS, TOKENS}
+    arrive, reach = cait_log("clean")
+    for i in (0, 1):
+        assert torch.equal(reach[f"q{i}"], arrive[f"q{i}"])
+        assert torch.equal(reach[f"mlp{i}"], arrive[f"mlp{i}"])
+
+
+# ---- full-size layouts: every block that has attention ----------------------------------------
+@pytest.mark.parametrize(
+    "name,variant,expected",
+    [
+        ("vit_base_patch16_224", "official", {"attn": 12, "qkv": 12, "mlp": 12}),
+        ("deit_base_distilled_patch16_224", "official", {"attn": 12, "qkv": 12, "mlp": 12}),
+        ("pit_b_224", "official", {"attn": 13, "qkv": 13, "mlp": 13}),
+        ("cait_s24_224", "official", {"attn": 25, "qkv": 26, "mlp": 25}),
+        ("cait_s24_224", "clean", {"attn": 26, "qkv": 28, "mlp": 24}),
+        ("visformer_small", "official", {"attn": 8, "qkv": 8, "mlp": 8}),
+    ],
+)
+def test_full_size_models_bind_every_attention_block(name, variant, expected):
+    with torch.device("meta"):
+        net = timm.create_model(name, pretrained=False)
+    counts: dict = {}
+    for b in bind_sites(net, family_of(net), variant):
+        counts[b.site.component] = counts.get(b.site.component, 0) + 1
+    assert counts == expected
+
+
+# ---- the CLI: hyper-parameters recorded, and a k sweep ------------------------------------------
+def test_cli_overrides_and_k_sweep(tmp_path: Path):
+    sweep = tmp_path / "sweep"
+    r = subprocess.run(
+        cli(
+            "-m",
+            "experiment=smoke",
+            "attack=tgr",
+            "source=test_pit",
+            "data.n=2",
+            "attack.steps=2",
+            "attack.k=1,2",
+            "attack.components=[attn,qkv]",
+            "attack.gamma.mlp=0.25",
+            f"hydra.sweep.dir={sweep}",
+        ),
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr
+    runs = sorted(p for p in sweep.iterdir() if (p / "results.csv").exists())
+    assert len(runs) == 2
+    params = [pd.read_csv(p / "results.csv").params.iloc[0] for p in runs]
+    assert [("k=1" in p, "k=2" in p) for p in params] == [(True, False), (False, True)]
+    assert all("components=attn+qkv" in p and "gamma_mlp=0.25" in p for p in params)
+    fired = json.loads((runs[0] / "run.json").read_text())["crafting"]["tgr_fired"]
+    assert set(fired) == {"attn", "qkv"} and min(fired.values()) > 0
+
+
+def test_ties_go_to_the_first_position_like_the_released_code():
+    g = torch.full((1, 4, 1), 0.5)  # a gradient constant over tokens
+    out = regularize(g, TOKENS, 1.0, 1)
+    assert out.flatten().tolist() == [0.0, 0.5, 0.5, 0.5]  # argmax = argmin = token 0
+    g2 = torch.tensor([[[1.0], [3.0], [3.0], [-2.0], [-2.0]]])
+    assert regularize(g2, TOKENS, 1.0, 1).flatten().tolist() == [1.0, 0.0, 3.0, 0.0, -2.0]
+    assert regularize(g2, TOKENS, 1.0, 2).flatten().tolist() == [1.0, 0.0, 0.0, 0.0, 0.0]
