@@ -184,7 +184,7 @@ def test_each_component_changes_the_gradient_and_removal_restores_it(family):
     assert [m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")] == fused_before
 
 
-def test_gamma_one_with_k_zero_effect_is_not_allowed_but_gamma_scales():
+def test_gamma_scales_the_branch_and_k_must_be_positive():
     model = tiny("vit")
     x, y = batch(1)
     a = TGR(components=["mlp"], gamma={"mlp": 0.0})
@@ -348,7 +348,7 @@ def test_gradient_at_every_site_is_the_spec_transform(family, k):
             b.name,
             (got - want).abs().max(),
         )
-        assert int((got == 0).sum()) >= int((want == 0).sum()) - 0  # the zeros are exact
+        assert (got[want == 0] == 0).all(), b.name  # the zeroed entries are exactly zero
 
 
 # ---- 6. CaiT's class-attention blocks, both variants -------------------------------------------

@@ -57,7 +57,7 @@ def extreme_indices(g: torch.Tensor, dim: int, k: int) -> torch.Tensor:
 
 def zero_extremes(g: torch.Tensor, dim: int, k: int) -> torch.Tensor:
     """Zero the k largest and the k smallest (signed) entries of g along `dim`."""
-    return g * torch.ones_like(g).scatter_(dim, extreme_indices(g, dim, k), 0.0)
+    return g.scatter(dim, extreme_indices(g, dim, k), 0.0)
 
 
 def zero_rows_cols(g: torch.Tensor, k: int) -> torch.Tensor:
