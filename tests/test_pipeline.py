@@ -76,13 +76,9 @@ def test_smoke_experiment_end_to_end(make_cfg, tmp_path: Path):
     saved = json.loads((out / "run.json").read_text())
     assert saved == json.loads(json.dumps(record, default=str))
     assert saved["status"] == "complete" and saved["n_images"] == 8
-    assert saved["config"]["attack"] == {
-        "name": "mi",
-        "eps": 16,
-        "steps": 10,
-        "alpha": None,
-        "decay": 1.0,
-    }
+    assert {k: v for k, v in saved["config"]["attack"].items() if k != "patchout"} == {
+        "name": "mi", "eps": 16, "steps": 10, "alpha": None, "decay": 1.0}
+    assert saved["config"]["attack"]["patchout"]["enabled"] is False
     assert {"python", "torch", "timm", "tgr_bench"} <= set(saved["versions"])
     assert (
         saved["source"]["model"] == "test_vit.r160_in1k" and saved["source"]["weights"] == "random"

@@ -25,7 +25,7 @@ from tgr_bench.architectures import (
     family_of,
 )
 from tgr_bench.attacks import TGR, Attack, build_attack
-from tgr_bench.attacks import tgr as tgr_module
+from tgr_bench.attacks import hooks as hooks_module
 from tgr_bench.attacks.tgr import regularize
 from tgr_bench.errors import UserError
 from tgr_bench.images import quantize
@@ -229,7 +229,7 @@ def test_batch_equals_alone(family):
 def test_fused_attention_left_on_is_caught(monkeypatch: pytest.MonkeyPatch):
     model = tiny("vit")
     assert any(getattr(m, "fused_attn", False) for m in model.modules())  # timm's default
-    monkeypatch.setattr(tgr_module, "set_fused_attn", lambda net, enabled: [])
+    monkeypatch.setattr(hooks_module, "set_fused_attn", lambda net, enabled: [])
     attack = TGR()
     with pytest.raises(UserError, match=r"\['attn'\] never fired"), attack.source_context(model):
         pytest.fail("the context must refuse to start")

@@ -115,13 +115,13 @@ def craft(
     # anything is written.
     with attack.source_context(source.model), _progress(console) as progress:
         out_dir.mkdir(parents=True, exist_ok=True)
-        task = progress.add_task(f"crafting {attack.name} on {source.spec.key}", total=len(data))
+        task = progress.add_task(f"crafting {attack.label} on {source.spec.key}", total=len(data))
         for start in range(0, len(data), batch_size):
             sl = slice(start, start + batch_size)
             clean = data.images[sl].to(device)
             x = clean.float() / 255.0
             y = data.labels[sl].to(device)
-            adv = attack.perturb(source.model, x, y, seeds[sl].to(device))
+            adv = attack.perturb(source.model, x, y, seeds[sl])
             q = quantize(adv, clean, attack.eps_levels).cpu()
             worst = max(worst, int((q.int() - clean.cpu().int()).abs().amax()))
             for stem, img in zip(data.stems[sl], q, strict=True):
@@ -235,14 +235,14 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
             # Random-weight smoke models know no ImageNet: label each synthetic image with the
             # source's own clean prediction so the white-box success rate means something.
             data.labels = predict(source.model, data.images, eval_batch_size, device)
-        record["attack"] = {"name": attack.name, "reference": attack.reference, **attack.params()}
+        record["attack"] = {"name": attack.label, "reference": attack.reference, **attack.params()}
         images_dir = out_dir / IMAGES_DIR
         record["crafting"] = craft(
             attack, source, data, images_dir, batch_size, device, seed, console
         )
         del source
         adv_images = load_adversarial(images_dir, data)  # evaluate exactly what was saved
-        source_key, attack_name = source_spec.key, attack.name
+        source_key, attack_name = source_spec.key, attack.label
         params = format_params(attack.params())
     else:
         source_key, attack_name, params = "external", "external", f"adv_dir={adv_dir}"

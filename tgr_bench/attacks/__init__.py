@@ -7,10 +7,13 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from tgr_bench.attacks.base import Attack
+from tgr_bench.attacks.pna import PNA
+from tgr_bench.attacks.sgm import SGM
 from tgr_bench.attacks.tgr import TGR
+from tgr_bench.attacks.vmi import VMI
 from tgr_bench.errors import UserError
 
-ATTACKS: dict[str, type[Attack]] = {cls.name: cls for cls in (Attack, TGR)}
+ATTACKS: dict[str, type[Attack]] = {cls.name: cls for cls in (Attack, VMI, SGM, PNA, TGR)}
 
 
 def build_attack(cfg: Any) -> Attack:
@@ -21,4 +24,4 @@ def build_attack(cfg: Any) -> Attack:
     return ATTACKS[name].from_cfg(params)
 
 
-__all__ = ["ATTACKS", "TGR", "Attack", "build_attack"]
+__all__ = ["ATTACKS", "PNA", "SGM", "TGR", "VMI", "Attack", "build_attack"]

@@ -2,11 +2,12 @@
 
 An attack is this loop plus optional changes to
 - the source model's backward pass (`source_context`: TGR, PNA, SGM install gradient hooks),
-- the input before the forward pass (`transform`: PatchOut, input diversity),
+- the input of the forward pass (`model_input`: PatchOut's mask, input diversity),
 - the loss (`loss`: PatchOut's per-image L2 term, targeted attacks),
 - the gradient estimate (`input_gradient`: VMI's neighbourhood samples),
 - the momentum update (`update`).
 Everything is per sample: an image's result never depends on the other images of its batch.
+PatchOut is a modifier of any attack (`attack.patchout.enabled=true`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tgr_bench.attacks.patchout import PatchOut
 from tgr_bench.errors import UserError
 
 
@@ -30,7 +32,12 @@ class Attack:
     )
 
     def __init__(
-        self, eps: float = 16.0, steps: int = 10, alpha: float | None = None, decay: float = 1.0
+        self,
+        eps: float = 16.0,
+        steps: int = 10,
+        alpha: float | None = None,
+        decay: float = 1.0,
+        patchout: dict[str, Any] | None = None,
     ) -> None:
         if not 0 < float(eps) <= 255:
             raise UserError(f"attack.eps={eps} is outside (0, 255]: eps is in 0-255 pixel levels.")
@@ -46,6 +53,12 @@ class Attack:
         self.decay = float(decay)
         self.eps = self.eps_levels / 255.0
         self.alpha = self.alpha_levels / 255.0
+        self.patchout = PatchOut.from_cfg(patchout)
+
+    @property
+    def label(self) -> str:
+        """The name results are filed under: `pna_patchout` for PNA with the modifier on."""
+        return f"{self.name}_patchout" if self.patchout else self.name
 
     @classmethod
     def from_cfg(cls, cfg: dict[str, Any]) -> Attack:
@@ -69,6 +82,7 @@ class Attack:
             "steps": self.steps,
             "alpha": round(self.alpha_levels, 6),
             "decay": self.decay,
+            **(self.patchout.params() if self.patchout else {}),
         }
 
     # ---- hook points -------------------------------------------------------------------------
@@ -77,12 +91,20 @@ class Attack:
         """Changes to the source model's backward pass, active while attacking."""
         yield
 
-    def transform(self, x: torch.Tensor, step: int, seeds: torch.Tensor) -> torch.Tensor:
-        return x
+    def model_input(
+        self, x: torch.Tensor, delta: torch.Tensor, step: int, seeds: torch.Tensor
+    ) -> torch.Tensor:
+        if self.patchout is None:
+            return x + delta
+        return x + delta * self.patchout.masks(x.shape, step, seeds, x.device)
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         # Summed, not averaged: a sample's gradient must not depend on the batch size.
-        return F.cross_entropy(logits, y, reduction="sum")
+        loss = F.cross_entropy(logits, y, reduction="sum")
+        if self.patchout is not None and self.patchout.l2 > 0:
+            # One norm per image (the released PNA code took one over the whole batch tensor).
+            loss = loss + self.patchout.l2 * delta.flatten(1).norm(dim=1).sum()
+        return loss
 
     def input_gradient(
         self,
@@ -94,7 +116,7 @@ class Attack:
         seeds: torch.Tensor,
     ) -> torch.Tensor:
         delta = delta.detach().requires_grad_(True)
-        logits = model(self.transform(x + delta, step, seeds))
+        logits = model(self.model_input(x, delta, step, seeds))
         (grad,) = torch.autograd.grad(self.loss(logits, y, delta), delta)
         return grad
 
@@ -112,7 +134,8 @@ class Attack:
     def perturb(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, seeds: torch.Tensor
     ) -> torch.Tensor:
-        """Adversarial images for clean pixels `x` in [0,1] (B,3,H,W) and labels `y`."""
+        """Adversarial images for clean pixels `x` in [0,1] (B,3,H,W) and labels `y`; `seeds`
+        (CPU int64, one per image) drive every random draw of that image."""
         delta = torch.zeros_like(x)
         g = torch.zeros_like(x)
         for step in range(self.steps):

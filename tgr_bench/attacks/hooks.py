@@ -1,0 +1,139 @@
+"""Attacks that edit the gradient inside the source's backward pass (TGR, PNA, SGM).
+
+A subclass says which sites of architectures.py it edits (`bind`) and how (`edit`); this class
+installs the hooks while the source is attacked, runs the source on the explicit attention path,
+and proves before any work, with one probe forward/backward, that every configured component
+fires. Hooks only count in Python and call torch ops: no host syncs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from tgr_bench.architectures import INPUT, OUTPUT, SOFTMAX_INPUT, BoundSite
+from tgr_bench.attacks.base import Attack
+from tgr_bench.errors import UserError
+
+
+def set_fused_attn(model: nn.Module, enabled: bool) -> list[tuple[nn.Module, bool]]:
+    """Switch timm's fused attention; returns the previous settings to restore.
+
+    The fused kernel never materializes the attention scores, so attention hooks would never
+    fire (tgr.md section 6): the source must run the explicit path while it is attacked.
+    """
+    previous = [(m, m.fused_attn) for m in model.modules() if hasattr(m, "fused_attn")]
+    for m, _ in previous:
+        m.fused_attn = enabled
+    return previous
+
+
+class GradientHookAttack(Attack):
+    def __init__(
+        self,
+        eps: float = 16.0,
+        steps: int = 10,
+        alpha: float | None = None,
+        decay: float = 1.0,
+        patchout: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(eps, steps, alpha, decay, patchout)
+        self.fired: Counter[str] = Counter()
+        self.family: str | None = None
+        self._sites: list[BoundSite] = []
+
+    # ---- what a subclass decides -------------------------------------------------------------
+    def bind(self, net: nn.Module) -> list[BoundSite]:
+        raise NotImplementedError
+
+    def edit(self, bound: BoundSite, g: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def expected_components(self) -> list[str]:
+        return sorted({b.site.component for b in self._sites})
+
+    def validate(self) -> None:
+        """Raise UserError after the probe when a setting does not fit the source."""
+
+    # ---- machinery ---------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        return {
+            f"{self.name}_fired": dict(self.fired),
+            f"{self.name}_sites": dict(Counter(b.site.component for b in self._sites)),
+            f"{self.name}_family": self.family,
+        }
+
+    def _edit(self, bound: BoundSite, g: torch.Tensor) -> torch.Tensor:
+        self.fired[bound.site.component] += 1
+        return self.edit(bound, g)
+
+    def _install(self, bound: BoundSite) -> Any:
+        where = bound.site.where
+
+        def on_output(module: nn.Module, args: Any, out: torch.Tensor) -> None:
+            if out.requires_grad:
+                out.register_hook(lambda g: self._edit(bound, g))
+
+        def on_softmax_output(module: nn.Module, args: Any, out: torch.Tensor) -> None:
+            node = out.grad_fn
+            # Only a softmax directly upstream means Z = the pre-softmax scores; anything else
+            # (fused kernel, a timm change) leaves the counter at zero and the probe fails.
+            if node is not None and node.name() == "SoftmaxBackward0":
+                node.register_hook(lambda gin, gout: (self._edit(bound, gin[0]),))
+
+        def on_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+            x = args[0]
+            if not x.requires_grad:
+                return None
+            z = x.view_as(x)  # a private alias: only the gradient into this module is edited
+            z.register_hook(lambda g: self._edit(bound, g))
+            return (z, *args[1:])
+
+        if where == OUTPUT:
+            return bound.module.register_forward_hook(on_output)
+        if where == SOFTMAX_INPUT:
+            return bound.module.register_forward_hook(on_softmax_output)
+        if where == INPUT:
+            return bound.module.register_forward_pre_hook(on_input)
+        raise ValueError(where)
+
+    def _probe(self, model: nn.Module) -> None:
+        size = getattr(model, "input_size", 224)
+        device = next(iter(model.buffers()), torch.empty(0)).device
+        ramp = torch.linspace(0.4, 0.6, 3 * size * size, device=device)  # any non-constant image
+        x = ramp.view(1, 3, size, size).requires_grad_(True)
+        model(x).logsumexp(-1).sum().backward()
+        self.check(stage="probe")
+        self.validate()
+        self.fired.clear()
+
+    def check(self, stage: str = "run") -> None:
+        silent = [c for c in self.expected_components() if self.fired[c] == 0]
+        if silent:
+            raise UserError(
+                f"{self.name.upper()} component(s) {silent} never fired on the {self.family} "
+                f"source during the {stage}: the attack would silently be plain MI-FGSM there. "
+                f"Is fused attention still on, or did the timm version change the module layout "
+                f"of tgr_bench/architectures.py? Fired counts: {dict(self.fired)}."
+            )
+
+    @contextlib.contextmanager
+    def source_context(self, model: nn.Module) -> Iterator[None]:
+        net = getattr(model, "net", model)
+        self._sites = self.bind(net)
+        previous = set_fused_attn(net, False)
+        handles = [self._install(b) for b in self._sites]
+        try:
+            self._probe(model)
+            yield
+            self.check()
+        finally:
+            for h in handles:
+                h.remove()
+            for m, flag in previous:
+                m.fused_attn = flag

@@ -1,0 +1,25 @@
+"""PNA, Pay No Attention (Wei et al., AAAI 2022): the forward pass is unchanged and no gradient
+flows through any attention map (every block with attention, both CaiT class blocks; for CaiT's
+talking heads, the map that multiplies v)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tgr_bench.architectures import BoundSite, bind_sites, family_of
+from tgr_bench.attacks.hooks import GradientHookAttack
+
+
+class PNA(GradientHookAttack):
+    name = "pna"
+    reference = "PNA: Wei et al., Towards Transferable Adversarial Attacks on Vision Transformers, AAAI 2022"
+
+    def bind(self, net: nn.Module) -> list[BoundSite]:
+        family = family_of(net, "tgr", "PNA")
+        self.family = family.name
+        # The clean variant's rows cover every attention map, class-attention blocks included.
+        return [b for b in bind_sites(net, family, "clean") if b.site.component == "attn"]
+
+    def edit(self, bound: BoundSite, g: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(g)

@@ -1,0 +1,52 @@
+"""SGM, Skip Gradient Method (Wu et al., ICLR 2020), for ViTs and ResNets.
+
+The gradient of every residual branch output is scaled by gamma; skip connections are untouched.
+ViT-family sources: the attention output after proj and the MLP output of every block (ports
+differ: one scales only the MLP branch, one uses 0.4; tgr-bench scales both, gamma 0.5 as in
+baselines.md). ResNet sources: the output of each residual unit's last BN (or SE gate), i.e. the
+whole branch once, where the original code scaled the gradient at every ReLU of the branch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from tgr_bench.architectures import BoundSite, bind_sites, family_of
+from tgr_bench.attacks.hooks import GradientHookAttack
+from tgr_bench.errors import UserError
+
+
+class SGM(GradientHookAttack):
+    name = "sgm"
+    reference = (
+        "SGM: Wu et al., Skip Connections Matter: On the Transferability of Adversarial "
+        "Examples Generated with ResNets, ICLR 2020"
+    )
+
+    def __init__(
+        self,
+        eps: float = 16.0,
+        steps: int = 10,
+        alpha: float | None = None,
+        decay: float = 1.0,
+        patchout: dict[str, Any] | None = None,
+        gamma: float = 0.5,
+    ) -> None:
+        super().__init__(eps, steps, alpha, decay, patchout)
+        if isinstance(gamma, bool) or not isinstance(gamma, int | float) or not 0 <= gamma <= 1:
+            raise UserError(f"attack.gamma={gamma!r} is outside [0, 1].")
+        self.gamma = float(gamma)
+
+    def params(self) -> dict[str, Any]:
+        return {**super().params(), "gamma": self.gamma}
+
+    def bind(self, net: nn.Module) -> list[BoundSite]:
+        family = family_of(net, "branches", "SGM")
+        self.family = family.name
+        return bind_sites(net, family, table="branches")
+
+    def edit(self, bound: BoundSite, g: torch.Tensor) -> torch.Tensor:
+        return g * self.gamma

@@ -1,0 +1,105 @@
+"""VMI-FGSM (Wang & He, CVPR 2021): momentum on the gradient plus the previous step's variance
+of the gradient over a uniform neighbourhood (baselines.md)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from tgr_bench.attacks.base import Attack
+from tgr_bench.errors import UserError
+
+
+class VMI(Attack):
+    name = "vmi"
+    reference = (
+        "VMI-FGSM: Wang & He, Enhancing the Transferability of Adversarial Attacks through "
+        "Variance Tuning, CVPR 2021"
+    )
+
+    def __init__(
+        self,
+        eps: float = 16.0,
+        steps: int = 10,
+        alpha: float | None = None,
+        decay: float = 1.0,
+        patchout: dict[str, Any] | None = None,
+        n_samples: int = 20,
+        beta: float = 1.5,
+        chunk: int | None = None,
+    ) -> None:
+        super().__init__(eps, steps, alpha, decay, patchout)
+        if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+            raise UserError(f"attack.n_samples={n_samples!r}: need an int >= 1.")
+        if not isinstance(beta, int | float) or beta < 0:
+            raise UserError(f"attack.beta={beta!r}: need a neighbourhood factor >= 0.")
+        if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
+            raise UserError(f"attack.chunk={chunk!r}: need an int >= 1 or null (all at once).")
+        self.n_samples = n_samples
+        self.beta = float(beta)
+        # Neighbours per image in one forward/backward; halved on CUDA out-of-memory.
+        self.chunk = chunk or n_samples
+        self._variance: torch.Tensor | None = None
+
+    def params(self) -> dict[str, Any]:
+        return {**super().params(), "n_samples": self.n_samples, "beta": self.beta}
+
+    def neighbour_noise(self, x: torch.Tensor, step: int, seeds: torch.Tensor) -> torch.Tensor:
+        """(B, N, C, H, W) uniform draws in [-beta*eps, beta*eps], one generator per image."""
+        radius = self.beta * self.eps
+        draws = []
+        for s in seeds.tolist():  # CPU seeds: no device sync
+            gen = torch.Generator(x.device).manual_seed((int(s) * 7_919 + step + 1) % (1 << 62))
+            draws.append(torch.rand((self.n_samples, *x.shape[1:]), generator=gen, device=x.device))
+        return (torch.stack(draws) * 2 - 1) * radius
+
+    def _neighbour_mean(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        delta: torch.Tensor,
+        y: torch.Tensor,
+        step: int,
+        seeds: torch.Tensor,
+    ) -> torch.Tensor:
+        noise = self.neighbour_noise(x, step, seeds)
+        b, n = noise.shape[:2]
+        while True:
+            try:
+                total = torch.zeros_like(x)
+                for start in range(0, n, self.chunk):
+                    r = noise[:, start : start + self.chunk]
+                    c = r.shape[1]
+                    grad = super().input_gradient(
+                        model,
+                        x.unsqueeze(1).expand_as(r).reshape(b * c, *x.shape[1:]),
+                        (delta.unsqueeze(1) + r).reshape(b * c, *x.shape[1:]),
+                        y.repeat_interleave(c),
+                        step,
+                        seeds.repeat_interleave(c),
+                    )
+                    total += grad.view(b, c, *x.shape[1:]).sum(1)
+                return total / n
+            except torch.cuda.OutOfMemoryError:
+                if self.chunk == 1:
+                    raise
+                self.chunk = max(1, self.chunk // 2)
+                torch.cuda.empty_cache()
+
+    def input_gradient(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        delta: torch.Tensor,
+        y: torch.Tensor,
+        step: int,
+        seeds: torch.Tensor,
+    ) -> torch.Tensor:
+        if step == 0:
+            self._variance = torch.zeros_like(x)
+        grad = super().input_gradient(model, x, delta, y, step, seeds)
+        tuned = grad + self._variance
+        self._variance = self._neighbour_mean(model, x, delta, y, step, seeds) - grad
+        return tuned  # the base update normalizes it per sample: (g' + v_t) / mean|g' + v_t|
