@@ -280,8 +280,9 @@ def test_unsupported_source_fails_before_any_work(make_cfg, tmp_path: Path):
 
 # ---- 5. the gradient reaching each regularized tensor's producer -------------------------------
 def capture(bound, log: dict):
-    """Hooks, registered ahead of TGR's, that record the gradient arriving at Z and the gradient
-    that leaves Z for its producer."""
+    """Hooks that record the gradient arriving at Z and the gradient that leaves Z for its
+    producer. Register them after the attack's (inside its context): for outputs, the tensor
+    hook sees the arriving gradient and the node pre-hook runs after the attack's edit."""
     site, key = bound.site, bound.name
 
     def arrive(g):
@@ -296,7 +297,7 @@ def capture(bound, log: dict):
             out.register_hook(arrive)
             out.grad_fn.register_prehook(reach)
 
-        return bound.module.register_forward_hook(hook, prepend=True)
+        return bound.module.register_forward_hook(hook)
     if site.where == SOFTMAX_INPUT:
 
         def hook(module, args, p):
@@ -330,11 +331,10 @@ def test_gradient_at_every_site_is_the_spec_transform(family, k):
     sites = bind_sites(model.net, family_of(model.net), "official")
     log: dict = {}
     handles = []
-    for b in sites:
-        h = capture(b, log)
-        handles += h if isinstance(h, list) else [h]
     with attack.source_context(model):
-        log.clear()  # drop the probe's captures
+        for b in sites:
+            h = capture(b, log)
+            handles += h if isinstance(h, list) else [h]
         grad_of(attack, model, x, y)
     for h in handles:
         h.remove()
@@ -353,45 +353,37 @@ def test_gradient_at_every_site_is_the_spec_transform(family, k):
 
 # ---- 6. CaiT's class-attention blocks, both variants -------------------------------------------
 def cait_log(variant: str) -> tuple[dict, dict]:
+    """Gradients arriving at, and leaving, q and the MLP of both class-attention blocks."""
     model = tiny("cait")
     x, y = batch(2)
     net = model.net
-    record: dict = {}
-
-    def keep(name):
-        def save(g):
-            record.setdefault(name, g.detach().clone())
-
-        def hook(module, args, out):
-            out.register_hook(save)
-
-        return hook
-
-    handles = [net.blocks_token_only[i].attn.q.register_forward_hook(keep(f"q{i}")) for i in (0, 1)]
-    handles += [net.blocks_token_only[i].mlp.register_forward_hook(keep(f"mlp{i}")) for i in (0, 1)]
+    arrive: dict = {}
     reach: dict = {}
 
-    def leaving(key):
-        def save(grad_outputs):
+    def watch(key):
+        def save_arrive(g):
+            arrive.setdefault(key, g.detach().clone())
+
+        def save_reach(grad_outputs):
             reach.setdefault(key, grad_outputs[0].detach().clone())
 
         def hook(module, args, out):
-            out.grad_fn.register_prehook(save)
+            out.register_hook(save_arrive)
+            out.grad_fn.register_prehook(save_reach)  # after the attack's pre-hook
 
         return hook
 
-    for i in (0, 1):
-        block = net.blocks_token_only[i]
-        handles.append(block.attn.q.register_forward_hook(leaving(f"q{i}")))
-        handles.append(block.mlp.register_forward_hook(leaving(f"mlp{i}")))
     attack = TGR(variant=variant)
     with attack.source_context(model):
-        record.clear()
-        reach.clear()
+        handles = []
+        for i in (0, 1):
+            block = net.blocks_token_only[i]
+            handles.append(block.attn.q.register_forward_hook(watch(f"q{i}")))
+            handles.append(block.mlp.register_forward_hook(watch(f"mlp{i}")))
         grad_of(attack, model, x, y)
     for h in handles:
         h.remove()
-    return record, reach
+    return arrive, reach
 
 
 def test_cait_official_quirks():

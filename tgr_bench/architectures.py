@@ -174,16 +174,19 @@ def _resolve(block: nn.Module, path: str) -> nn.Module | None:
     return None
 
 
-def _containers(root: nn.Module, path: str) -> Iterator[nn.Module]:
+def _containers(root: nn.Module, path: str, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """(concrete path, module) for a path whose parts may be '*' (every child)."""
     head, _, rest = path.partition(".")
-    children = list(root.children()) if head == "*" else [getattr(root, head, None)]
-    for child in children:
+    every = head == "*"
+    children = list(root.named_children()) if every else [(head, getattr(root, head, None))]
+    for name, child in children:
         if child is None:
             continue
+        here = f"{prefix}{name}"
         if rest:
-            yield from _containers(child, rest)
+            yield from _containers(child, rest, here + ".")
         else:
-            yield child
+            yield here, child
 
 
 @dataclass(frozen=True)
@@ -201,7 +204,7 @@ def bind_sites(
     for group in getattr(family, table):
         if variant not in group.variants:
             continue
-        for container in _containers(net, group.path):
+        for where, container in _containers(net, group.path):
             for i, block in enumerate(container.children()):
                 if group.indices is not None and i not in group.indices:
                     continue
@@ -213,10 +216,10 @@ def bind_sites(
                         continue
                     if module is None:
                         raise UserError(
-                            f"{type(net).__name__} block {group.path}[{i}] has no {site.path}: "
+                            f"{type(net).__name__} block {where}.{i} has no {site.path}: "
                             f"this timm version's {family.name} layout differs from "
                             f"tgr_bench/architectures.py."
                         )
-                    name = f"{group.path}.{i}.{site.path}"
+                    name = f"{where}.{i}.{site.path}"
                     bound.append(BoundSite(site, module, name))
     return bound

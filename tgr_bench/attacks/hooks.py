@@ -76,8 +76,19 @@ class GradientHookAttack(Attack):
         where = bound.site.where
 
         def on_output(module: nn.Module, args: Any, out: torch.Tensor) -> None:
-            if out.requires_grad:
-                out.register_hook(lambda g: self._edit(bound, g))
+            # A pre-hook on the producer's node, not a tensor hook: it still edits the gradient
+            # when the caller modifies the output in place (a ResNet unit's `x += shortcut`).
+            node = out.grad_fn
+            if node is None:
+                return
+            slot = out.output_nr
+
+            def pre(grad_outputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+                edited = list(grad_outputs)
+                edited[slot] = self._edit(bound, grad_outputs[slot])
+                return tuple(edited)
+
+            node.register_prehook(pre)
 
         def on_softmax_output(module: nn.Module, args: Any, out: torch.Tensor) -> None:
             node = out.grad_fn

@@ -13,7 +13,10 @@ from tgr_bench.attacks.hooks import GradientHookAttack
 
 class PNA(GradientHookAttack):
     name = "pna"
-    reference = "PNA: Wei et al., Towards Transferable Adversarial Attacks on Vision Transformers, AAAI 2022"
+    reference = (
+        "PNA: Wei et al., Towards Transferable Adversarial Attacks on Vision Transformers, "
+        "AAAI 2022"
+    )
 
     def bind(self, net: nn.Module) -> list[BoundSite]:
         family = family_of(net, "tgr", "PNA")
