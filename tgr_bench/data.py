@@ -33,6 +33,7 @@ class ImageSet:
     images: torch.Tensor  # (N, 3, H, W) uint8, the stored pixels
     root: str | None
     layout: str
+    shard: str | None = None  # "i/N" when this is one shard of a larger set
 
     def __len__(self) -> int:
         return len(self.stems)
@@ -128,7 +129,14 @@ def _read_labels(layout: str, label_file: Path) -> dict[str, int]:
     return labels
 
 
-def load_folder(root: str | Path, limit: int | None = None) -> ImageSet:
+def shard_indices(n: int, num_shards: int, shard: int) -> list[int]:
+    """Shard `shard` of `num_shards`: every num_shards-th image of the sorted set."""
+    return list(range(shard, n, num_shards))
+
+
+def load_folder(
+    root: str | Path, limit: int | None = None, num_shards: int = 1, shard: int = 0
+) -> ImageSet:
     root = Path(root).expanduser()
     layout, folder, label_file = detect_layout(root)
     labels = _read_labels(layout, label_file)
@@ -153,6 +161,9 @@ def load_folder(root: str | Path, limit: int | None = None) -> ImageSet:
         stems = sorted(images)
     if limit is not None:
         stems = stems[: int(limit)]
+    stems = [stems[i] for i in shard_indices(len(stems), num_shards, shard)]
+    if not stems:
+        raise UserError(f"Shard {shard}/{num_shards} of {folder} holds no images.")
     tensors = [read_image(images[s]) for s in stems]
     shapes = {tuple(t.shape) for t in tensors}
     if len(shapes) > 1:
@@ -168,6 +179,7 @@ def load_folder(root: str | Path, limit: int | None = None) -> ImageSet:
         images=torch.stack(tensors),
         root=str(root.resolve()),
         layout=layout,
+        shard=f"{shard}/{num_shards}" if num_shards > 1 else None,
     )
 
 
@@ -186,11 +198,21 @@ def load_dataset(cfg: Any) -> ImageSet:
     limit = cfg.get("limit")
     if limit is not None and int(limit) < 1:
         raise UserError(f"data.limit must be a positive number of images, got {limit}.")
+    num_shards, shard = cfg.get("num_shards", 1), cfg.get("shard", 0)
+    if not isinstance(num_shards, int) or num_shards < 1:
+        raise UserError(f"data.num_shards={num_shards!r}: need an int >= 1.")
+    if not isinstance(shard, int) or not 0 <= shard < num_shards:
+        raise UserError(f"data.shard={shard!r}: need an int in 0..{num_shards - 1}.")
     if kind == "synthetic":
         n = int(cfg.get("n", 8))
         if limit is not None:
             n = min(n, int(limit))
-        return synthetic(n, int(cfg.get("size", 224)), int(cfg.get("seed", 0)))
+        full = synthetic(n, int(cfg.get("size", 224)), int(cfg.get("seed", 0)))
+        if num_shards == 1:
+            return full
+        idx = shard_indices(len(full), num_shards, shard)
+        return ImageSet([full.stems[i] for i in idx], full.labels[idx], full.images[idx],
+                        None, "synthetic", f"{shard}/{num_shards}")
     if kind == "folder":
         if not cfg.get("root"):
             raise UserError(
@@ -198,7 +220,7 @@ def load_dataset(cfg: Any) -> ImageSet:
                 "or image_name_to_class_id_and_name.json), or try the offline smoke run: "
                 "tgr-bench experiment=smoke."
             )
-        return load_folder(cfg.root, limit)
+        return load_folder(cfg.root, limit, num_shards, shard)
     raise UserError(f"Unknown data.kind {kind!r}; use 'folder' or 'synthetic'.")
 
 

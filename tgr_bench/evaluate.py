@@ -39,5 +39,7 @@ def metrics(labels: torch.Tensor, clean_pred: torch.Tensor, adv_pred: torch.Tens
         "asr": 100.0 * float(fooled.float().mean()) if n else math.nan,
         "clean_acc": 100.0 * n_correct / n if n else math.nan,
         "asr_on_correct": 100.0 * float(fooled[correct].float().mean()) if n_correct else math.nan,
+        "n_fooled": int(fooled.sum()),
         "n_clean_correct": n_correct,
+        "n_fooled_on_correct": int((fooled & correct).sum()),
     }

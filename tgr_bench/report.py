@@ -23,6 +23,9 @@ COLUMNS = [
     "asr",
     "clean_acc",
     "asr_on_correct",
+    "n_fooled",
+    "n_clean_correct",
+    "n_fooled_on_correct",
     "status",
 ]
 

@@ -1,0 +1,109 @@
+"""Runs that survive: an exclusive lock on the run directory and a manifest of finished images.
+
+The manifest is an append-only JSON-lines file: a header naming what the images were crafted
+from (`identity`: source, attack, data selection, seed), then one line per saved PNG with its
+sha256, appended only after the PNG was atomically renamed into place. A re-run skips exactly
+the images whose line is there and whose file still has that hash; a line cut short by a kill is
+ignored, so the worst case is one batch crafted twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from tgr_bench.errors import UserError
+
+MANIFEST = "manifest.jsonl"
+LOCK = ".tgr-bench.lock"
+
+
+def identity_hash(identity: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@contextlib.contextmanager
+def run_lock(out_dir: Path) -> Iterator[None]:
+    """Refuse a second run writing into the same directory; released even on SIGKILL."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            raise UserError(
+                f"Another tgr-bench run (pid {holder}) is writing to {out_dir}. Wait for it to "
+                f"finish, or give this run its own directory with hydra.run.dir=..."
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+class Manifest:
+    def __init__(self, path: Path, identity: dict[str, Any]) -> None:
+        self.path = path
+        self.identity = identity
+        self.digest = identity_hash(identity)
+        self.done: dict[str, str] = {}
+        self._load()
+
+    def _load(self) -> None:
+        if not self.path.exists():
+            return
+        lines = self.path.read_text().splitlines()
+        entries = []
+        for line in lines:
+            try:
+                entries.append(json.loads(line))
+            except ValueError:
+                continue  # a line cut short by a kill: that image is crafted again
+        header = entries[0] if entries and "identity" in entries[0] else None
+        if header is None:
+            raise UserError(f"{self.path} is not a tgr-bench manifest; move it or the directory.")
+        if header["digest"] != self.digest:
+            changed = sorted(
+                k for k in set(header["identity"]) | set(self.identity)
+                if json.dumps(header["identity"].get(k), sort_keys=True, default=str)
+                != json.dumps(self.identity.get(k), sort_keys=True, default=str)
+            )
+            raise UserError(
+                f"{self.path.parent} holds images crafted with another configuration (differs "
+                f"in: {', '.join(changed)}). Resume only with the same settings, or choose "
+                f"another directory with hydra.run.dir=..."
+            )
+        self.done = {e["stem"]: e["sha256"] for e in entries[1:] if "stem" in e and "sha256" in e}
+
+    def verified(self, images_dir: Path, stems: list[str]) -> set[str]:
+        """Stems whose PNG is listed and still has the listed hash."""
+        ok = set()
+        for stem in stems:
+            digest = self.done.get(stem)
+            path = images_dir / f"{stem}.png"
+            if digest and path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == digest:
+                ok.add(stem)
+        return ok
+
+    def _append(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, sort_keys=True, default=str) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def start(self) -> None:
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            self._append({"identity": self.identity, "digest": self.digest})
+
+    def add(self, stem: str, png: bytes) -> None:
+        digest = hashlib.sha256(png).hexdigest()
+        self._append({"stem": stem, "sha256": digest})
+        self.done[stem] = digest
