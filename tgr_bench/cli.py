@@ -6,12 +6,30 @@ import logging
 import sys
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from tgr_bench.errors import UserError
 from tgr_bench.pipeline import run
+from tgr_bench.resume import identity_hash
 
 log = logging.getLogger("tgr_bench")
+
+
+def run_id(*, _root_: DictConfig) -> str:
+    """A short hash of what a run's images depend on: the default run directory, so re-running
+    the same command resumes in the same place (and a different setting never does)."""
+    keys = ("source", "attack", "data", "seed", "adv_dir")
+    content = {
+        k: OmegaConf.to_container(_root_[k], resolve=True)
+        if OmegaConf.is_config(_root_[k])
+        else _root_[k]
+        for k in keys
+        if k in _root_
+    }
+    return identity_hash(content)[:12]
+
+
+OmegaConf.register_new_resolver("tgr_run_id", run_id, replace=True)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://tgr_bench.conf", config_name="config")

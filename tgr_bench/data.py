@@ -158,6 +158,14 @@ def load_folder(
                 f"{len(unlabeled)} images in {folder} have no entry in {label_file}, e.g. "
                 f"{unlabeled[:3]}."
             )
+        extra = sorted(set(labels) - set(images))
+        if extra:  # the authors' json lists the whole set; a subset folder is legitimate
+            log.warning(
+                "%d label entries have no image in %s (e.g. %s); they are ignored",
+                len(extra),
+                folder,
+                extra[:3],
+            )
         stems = sorted(images)
     if limit is not None:
         stems = stems[: int(limit)]
@@ -211,8 +219,14 @@ def load_dataset(cfg: Any) -> ImageSet:
         if num_shards == 1:
             return full
         idx = shard_indices(len(full), num_shards, shard)
-        return ImageSet([full.stems[i] for i in idx], full.labels[idx], full.images[idx],
-                        None, "synthetic", f"{shard}/{num_shards}")
+        return ImageSet(
+            [full.stems[i] for i in idx],
+            full.labels[idx],
+            full.images[idx],
+            None,
+            "synthetic",
+            f"{shard}/{num_shards}",
+        )
     if kind == "folder":
         if not cfg.get("root"):
             raise UserError(

@@ -136,8 +136,9 @@ def craft(
             adv = attack.perturb(
                 source.model, clean.float() / 255.0, data.labels[idx].to(device), seeds[idx]
             )
-            for i, img in zip(idx.tolist(), quantize(adv, clean, attack.eps_levels).cpu(),
-                              strict=True):
+            for i, img in zip(
+                idx.tolist(), quantize(adv, clean, attack.eps_levels).cpu(), strict=True
+            ):
                 png = encode_png(img)
                 atomic_write(images_dir / f"{data.stems[i]}.png", png)
                 manifest.add(data.stems[i], png)
@@ -186,10 +187,17 @@ def evaluate_targets(
                 }
             )
             loaded.append(target.provenance())
-            per_image.append(pd.DataFrame({
-                "stem": data.stems, "label": data.labels.tolist(), "target": spec.key,
-                "clean_pred": clean_pred.tolist(), "adv_pred": adv_pred.tolist(),
-            }))
+            per_image.append(
+                pd.DataFrame(
+                    {
+                        "stem": data.stems,
+                        "label": data.labels.tolist(),
+                        "target": spec.key,
+                        "clean_pred": clean_pred.tolist(),
+                        "adv_pred": adv_pred.tolist(),
+                    }
+                )
+            )
             del target
             gc.collect()
             if device.type == "cuda":
@@ -295,13 +303,18 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
             attacking.enter_context(attack.source_context(source.model))
         with run_lock(out_dir):
             if crafting:
-                record["attack"] = {"name": attack.label, "reference": attack.reference,
-                                    **attack.params()}
-                manifest = Manifest(out_dir / MANIFEST,
-                                    _identity(cfg, data, attack, source_weights))
+                record["attack"] = {
+                    "name": attack.label,
+                    "reference": attack.reference,
+                    **attack.params(),
+                }
+                manifest = Manifest(
+                    out_dir / MANIFEST, _identity(cfg, data, attack, source_weights)
+                )
                 images_dir = out_dir / IMAGES_DIR
-                record["crafting"] = craft(attack, source, data, manifest, images_dir,
-                                           batch_size, device, seed, console)
+                record["crafting"] = craft(
+                    attack, source, data, manifest, images_dir, batch_size, device, seed, console
+                )
                 attacking.close()  # leaves the source context, which checks the fired counts
                 record["crafting"].update(attack.stats())
                 del source
@@ -317,25 +330,34 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
 
             rows, loaded, predictions = evaluate_targets(
                 list(zip(target_specs, target_weights, strict=True)),
-                data, adv_images, eval_batch_size, device, seed, console,
+                data,
+                adv_images,
+                eval_batch_size,
+                device,
+                seed,
+                console,
             )
             for row in rows:
-                row.update(source=source_key, attack=attack_name, params=params,
-                           white_box=row["target"] == source_key)
+                row.update(
+                    source=source_key,
+                    attack=attack_name,
+                    params=params,
+                    white_box=row["target"] == source_key,
+                )
             record["targets"] = loaded
             df = results_frame(rows)
             if rows:
                 write_results(df, out_dir)
-                atomic_write(out_dir / "predictions.csv",
-                             predictions.to_csv(index=False).encode())
+                atomic_write(out_dir / "predictions.csv", predictions.to_csv(index=False).encode())
                 print_table(df, f"{attack_name} on {source_key}: {len(data)} images", console)
             record["status"] = "complete"
             record["finished"] = provenance.now()
-            atomic_write(out_dir / "run.json",
-                         json.dumps(record, indent=2, default=str).encode())
+            atomic_write(out_dir / "run.json", json.dumps(record, indent=2, default=str).encode())
     crafted = record["crafting"]
-    summary = (f"{len(data)} images: {crafted['attacked']} attacked, {crafted['resumed']} "
-               f"resumed from an earlier run, 0 failed; results in {out_dir}")
+    summary = (
+        f"{len(data)} images: {crafted['attacked']} attacked, {crafted['resumed']} "
+        f"resumed from an earlier run, 0 failed; results in {out_dir}"
+    )
     console.print(f"[green]done:[/green] {summary}")
     log.info("Run complete: %s", summary)
     return record

@@ -72,7 +72,8 @@ class Manifest:
             raise UserError(f"{self.path} is not a tgr-bench manifest; move it or the directory.")
         if header["digest"] != self.digest:
             changed = sorted(
-                k for k in set(header["identity"]) | set(self.identity)
+                k
+                for k in set(header["identity"]) | set(self.identity)
                 if json.dumps(header["identity"].get(k), sort_keys=True, default=str)
                 != json.dumps(self.identity.get(k), sort_keys=True, default=str)
             )
@@ -89,7 +90,11 @@ class Manifest:
         for stem in stems:
             digest = self.done.get(stem)
             path = images_dir / f"{stem}.png"
-            if digest and path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == digest:
+            if (
+                digest
+                and path.is_file()
+                and hashlib.sha256(path.read_bytes()).hexdigest() == digest
+            ):
                 ok.add(stem)
         return ok
 

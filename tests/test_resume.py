@@ -1,0 +1,233 @@
+"""Runs that survive: kill and resume, shards, the run-directory lock, hostile input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import cli, write_images
+from tgr_bench import atomic
+from tgr_bench.errors import UserError
+from tgr_bench.pipeline import run
+from tgr_bench.resume import MANIFEST, run_lock
+
+SMOKE = ("experiment=smoke", "data.n=10", "batch_size=1", "attack.steps=10")
+
+
+def files(run_dir: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((run_dir / "images").iterdir())}
+
+
+def manifest_entries(run_dir: Path) -> int:
+    path = run_dir / MANIFEST
+    return max(0, len(path.read_text().splitlines()) - 1) if path.exists() else 0
+
+
+def test_sigkill_mid_crafting_then_resume_equals_an_uninterrupted_run(tmp_path: Path):
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    proc = subprocess.Popen(
+        cli(*SMOKE, f"hydra.run.dir={killed}"),
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while manifest_entries(killed) < 3 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = manifest_entries(killed)
+    assert 3 <= done_before < 10, "the kill must land mid-crafting"
+    assert not (killed / "results.csv").exists() and not (killed / "run.json").exists()
+    assert not [p for p in (killed / "images").iterdir() if not p.name.endswith(".png")]
+
+    r = subprocess.run(
+        cli(*SMOKE, f"hydra.run.dir={killed}"), cwd=tmp_path, capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stderr
+    record = json.loads((killed / "run.json").read_text())
+    assert record["crafting"]["resumed"] == done_before
+    assert record["crafting"]["attacked"] == 10 - done_before
+
+    r = subprocess.run(
+        cli(*SMOKE, f"hydra.run.dir={clean}"), cwd=tmp_path, capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stderr
+    assert files(killed) == files(clean)
+    assert (killed / "results.csv").read_bytes() == (clean / "results.csv").read_bytes()
+    assert (killed / "predictions.csv").read_bytes() == (clean / "predictions.csv").read_bytes()
+
+
+def test_unverified_images_are_crafted_again(make_cfg, tmp_path: Path):
+    cfg = make_cfg("experiment=smoke", "data.n=4", "attack.steps=2", "targets=none")
+    run(cfg, output_dir=tmp_path / "a")
+    first = files(tmp_path / "a")
+    images = tmp_path / "a" / "images"
+    (images / "synthetic_0001.png").write_bytes(first["synthetic_0001.png"][:50])  # truncated
+    (images / "synthetic_0002.png").unlink()
+    record = run(cfg, output_dir=tmp_path / "a")
+    assert (record["crafting"]["resumed"], record["crafting"]["attacked"]) == (2, 2)
+    assert files(tmp_path / "a") == first
+
+
+def test_resuming_with_other_settings_is_refused(make_cfg, tmp_path: Path):
+    run(
+        make_cfg("experiment=smoke", "data.n=2", "attack.steps=2", "targets=none"),
+        output_dir=tmp_path,
+    )
+    with pytest.raises(UserError, match="another configuration .*differs in: attack"):
+        run(
+            make_cfg("experiment=smoke", "data.n=2", "attack.steps=3", "targets=none"),
+            output_dir=tmp_path,
+        )
+    # Settings that cannot change an image (batch size, targets) resume fine.
+    record = run(
+        make_cfg("experiment=smoke", "data.n=2", "attack.steps=2", "batch_size=1"),
+        output_dir=tmp_path,
+    )
+    assert record["crafting"]["resumed"] == 2 and (tmp_path / "results.csv").exists()
+
+
+def test_same_command_same_default_directory(tmp_path: Path):
+    args = ("experiment=smoke", "data.n=2", "attack.steps=1", "targets=none")
+    outs = []
+    for extra in ((), (), ("attack.steps=2",)):
+        r = subprocess.run(cli(*args, *extra), cwd=tmp_path, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        outs.append(sorted(str(p) for p in (tmp_path / "outputs").rglob("run.json")))
+    assert len(outs[0]) == len(outs[1]) == 1 and len(outs[2]) == 2
+
+
+def test_shards_craft_every_image_once_and_match_the_unsharded_run(tmp_path: Path):
+    whole, sweep = tmp_path / "whole", tmp_path / "sweep"
+    common = ("experiment=smoke", "data.n=7", "attack.steps=3")
+    r = subprocess.run(
+        cli(*common, f"hydra.run.dir={whole}"), cwd=tmp_path, capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run(
+        cli("-m", *common, "data.num_shards=3", "data.shard=0,1,2", f"hydra.sweep.dir={sweep}"),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    shards = sorted(p for p in sweep.iterdir() if (p / "run.json").exists())
+    assert len(shards) == 3
+    merged: dict[str, bytes] = {}
+    for s in shards:
+        part = files(s)
+        assert not set(part) & set(merged)  # each image crafted once
+        merged.update(part)
+    assert merged == files(whole)
+    preds = pd.concat([pd.read_csv(s / "predictions.csv") for s in shards])
+    key = ["target", "stem"]
+    want = pd.read_csv(whole / "predictions.csv").sort_values(key, ignore_index=True)
+    assert preds.sort_values(key, ignore_index=True).equals(want)
+    counts = sum(
+        pd.read_csv(s / "results.csv")[["n", "n_fooled", "n_clean_correct"]] for s in shards
+    )
+    assert counts.equals(pd.read_csv(whole / "results.csv")[["n", "n_fooled", "n_clean_correct"]])
+
+
+def test_bad_shard_settings(make_cfg, tmp_path: Path):
+    for overrides, match in (
+        (["data.num_shards=0"], "num_shards"),
+        (["data.num_shards=2", "data.shard=2"], "shard"),
+    ):
+        with pytest.raises(UserError, match=match):
+            run(make_cfg("experiment=smoke", *overrides), output_dir=tmp_path / "x")
+
+
+def test_second_run_on_the_same_directory_is_refused(make_cfg, tmp_path: Path):
+    cfg = make_cfg("experiment=smoke", "data.n=2", "attack.steps=1", "targets=none")
+    with run_lock(tmp_path), pytest.raises(UserError, match="Another tgr-bench run .* is writing"):
+        run(cfg, output_dir=tmp_path)
+    assert not (tmp_path / "images").exists()
+    run(cfg, output_dir=tmp_path)  # released: the run goes ahead
+
+
+def test_full_disk_while_saving_leaves_no_result(make_cfg, tmp_path: Path, monkeypatch):
+    real = atomic.os.fsync
+    calls = {"n": 0}
+
+    def fsync(fd):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise OSError(28, "No space left on device")
+        return real(fd)
+
+    monkeypatch.setattr(atomic.os, "fsync", fsync)
+    with pytest.raises(UserError, match="No space left on device"):
+        run(make_cfg("experiment=smoke", "data.n=6", "attack.steps=1"), output_dir=tmp_path)
+    assert not (tmp_path / "results.csv").exists() and not (tmp_path / "run.json").exists()
+    assert not [p for p in (tmp_path / "images").iterdir() if not p.name.endswith(".png")]
+    monkeypatch.undo()
+    record = run(make_cfg("experiment=smoke", "data.n=6", "attack.steps=1"), output_dir=tmp_path)
+    assert record["crafting"]["resumed"] + record["crafting"]["attacked"] == 6
+
+
+@pytest.mark.parametrize(
+    "mode,match", [("I;16", "mode 'I;16'"), ("RGBA", "mode 'RGBA'"), ("P", "mode 'P'")]
+)
+def test_non_rgb_images_are_refused_by_name(csv_set: Path, make_cfg, tmp_path: Path, mode, match):
+    bad = csv_set / "ILSVRC2012_val_00000004.png"
+    Image.new(mode, (64, 64)).save(bad)
+    cfg = make_cfg("experiment=smoke", "data=folder", f"data.root={csv_set}")
+    with pytest.raises(UserError, match=f"ILSVRC2012_val_00000004.png has {match}"):
+        run(cfg, output_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_jpeg_truncated_and_empty_folder(tmp_path: Path, make_cfg):
+    root = tmp_path / "jpg"
+    write_images(root, 3, ext=".jpg")
+    (root / "labels.csv").write_text(
+        "filename,label\n" + "".join(f"ILSVRC2012_val_{i:08d}.jpg,{i}\n" for i in (1, 2, 3))
+    )
+    victim = root / "ILSVRC2012_val_00000002.jpg"
+    victim.write_bytes(victim.read_bytes()[: len(victim.read_bytes()) // 2])
+    with pytest.raises(UserError, match="ILSVRC2012_val_00000002.jpg"):
+        run(make_cfg("experiment=smoke", "data=folder", f"data.root={root}"), tmp_path / "o")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "labels.csv").write_text("filename,label\n")
+    with pytest.raises(UserError, match="No images"):
+        run(make_cfg("experiment=smoke", "data=folder", f"data.root={empty}"), tmp_path / "o")
+
+
+def test_extra_label_entries_are_reported(json_set: Path, make_cfg, tmp_path: Path, caplog):
+    path = json_set.parent / "image_name_to_class_id_and_name.json"
+    table = json.loads(path.read_text())
+    table["ILSVRC2012_val_00099999.JPEG"] = {"class_id": 3, "class_name": "x"}
+    path.write_text(json.dumps(table))
+    with caplog.at_level("WARNING"):
+        run(
+            make_cfg(
+                "experiment=smoke",
+                "data=folder",
+                f"data.root={json_set}",
+                "targets=none",
+                "attack.steps=1",
+            ),
+            output_dir=tmp_path,
+        )
+    assert "1 label entries have no image" in caplog.text
+
+
+def test_run_json_records_determinism_settings(make_cfg, tmp_path: Path):
+    record = run(
+        make_cfg("experiment=smoke", "data.n=1", "attack.steps=1", "targets=none"),
+        output_dir=tmp_path,
+    )
+    assert record["determinism"]["tf32"] is False
+    assert torch.backends.cuda.matmul.allow_tf32 is False
