@@ -1,0 +1,149 @@
+"""Cells (aggregate.py) to the paper's layout: per source, one row per attack, one column per
+target, averages over black-box ViTs, CNNs and defended models; Markdown, LaTeX and CSV."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from tgr_bench.aggregate import GROUPS, target_groups
+from tgr_bench.atomic import atomic_write
+
+GROUP_TITLES = {"vits": "ViTs", "cnns": "CNNs", "defended": "defended", "other": "other"}
+ATTACK_ORDER = ("mi", "vmi", "sgm", "pna", "tgr", "pna_patchout", "tgr_patchout")  # the paper's
+
+
+def _value_key(value: object) -> tuple:
+    return (0, float(value), "") if isinstance(value, int | float) else (1, 0.0, str(value))
+
+
+def row_order(cells: pd.DataFrame) -> pd.Series:
+    """Sort key: source as first seen, the paper's attack order, then swept values ascending."""
+    sources = {s: i for i, s in enumerate(dict.fromkeys(cells.source))}
+
+    def key(row: pd.Series) -> tuple:
+        rank = ATTACK_ORDER.index(row.attack) if row.attack in ATTACK_ORDER else len(ATTACK_ORDER)
+        params = json.loads(row.params)
+        return (
+            sources[row.source],
+            rank,
+            row.attack,
+            tuple(_value_key(params[k]) for k in sorted(params)),
+        )
+
+    return cells.apply(key, axis=1)
+
+
+def row_labels(cells: pd.DataFrame) -> pd.Series:
+    """`tgr` alone, or `tgr k=2` when runs of one attack on one source differ in a value."""
+    labels = pd.Series(cells.attack, index=cells.index, dtype=object)
+    for _, part in cells.groupby(["source", "attack"], sort=False):
+        variants = {p: json.loads(p) for p in part.params.unique()}
+        if len(variants) < 2:
+            continue
+        keys = sorted({k for v in variants.values() for k in v})
+        varying = [k for k in keys if len({json.dumps(v.get(k)) for v in variants.values()}) > 1]
+        for idx in part.index:
+            params = variants[cells.at[idx, "params"]]
+            swept = " ".join(f"{k}={params.get(k)}" for k in varying)
+            labels[idx] = f"{cells.at[idx, 'attack']} {swept}"
+    return labels
+
+
+def target_order(cells: pd.DataFrame) -> list[str]:
+    known = list(target_groups())
+    present = list(dict.fromkeys(cells.target))
+    return [t for t in known if t in present] + sorted(t for t in present if t not in known)
+
+
+def paper_table(cells: pd.DataFrame, metric: str = "asr") -> pd.DataFrame:
+    """Wide table: text cells, index (source, attack label), target columns, then averages."""
+    cells = cells.assign(label=row_labels(cells), order=row_order(cells)).sort_values(
+        "order", kind="stable"
+    )
+    targets = target_order(cells)
+    groups = [g for g in (*GROUPS, "other") if (cells.group == g).any()]
+    rows = []
+    for (source, label), part in cells.groupby(["source", "label"], sort=False):
+        by_target = {r.target: r for r in part.itertuples()}
+        row: dict[str, object] = {"source": source, "attack": label}
+        for t in targets:
+            row[t] = _cell(by_target.get(t), metric)
+        for g in groups:
+            values = [
+                getattr(r, metric)
+                for r in part.itertuples()
+                if r.group == g
+                and not r.white_box
+                and r.status == "ok"
+                and not math.isnan(getattr(r, metric))
+            ]
+            expected = [r for r in part.itertuples() if r.group == g and not r.white_box]
+            text = f"{sum(values) / len(values):.1f}" if values else "-"
+            if values and len(values) < len(expected):
+                text += f" ({len(values)}/{len(expected)})"  # an average over fewer targets
+            row[f"avg {GROUP_TITLES[g]}"] = text
+        row["run_dirs"] = ";".join(sorted(set(";".join(part.run_dirs).split(";"))))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _cell(r: object | None, metric: str) -> str:
+    if r is None:
+        return "-"
+    status = r.status
+    if status == "ok":
+        value = getattr(r, metric)
+        text = "-" if math.isnan(value) else f"{value:.1f}"
+        return f"{text}*" if r.white_box else text
+    return "n/a" if status == "missing checkpoint" else status
+
+
+NOTES = (
+    "Attack success rate (%) = share of all images the target misclassifies (clean mistakes "
+    "count, as in the paper). * white-box (source = target), left out of the averages. "
+    "n/a: target weights not provided (checkpoint=). failed / incomplete: a run (or a shard of "
+    "it) did not finish; see its run directory. `avg X (k/m)`: average over the k of m "
+    "black-box targets of group X that have a number."
+)
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    cols = [c for c in table.columns if c != "run_dirs"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for values in table[cols].astype(str).values.tolist():
+        lines.append("| " + " | ".join(values) + " |")
+    sources = "\n".join(f"- {r.source} / {r.attack}: {r.run_dirs}" for r in table.itertuples())
+    return "\n".join(lines) + f"\n\n{NOTES}\n\nRun directories:\n{sources}\n"
+
+
+def _tex(text: object) -> str:
+    return str(text).replace("_", r"\_").replace("%", r"\%").replace("*", r"$^*$")
+
+
+def to_latex(table: pd.DataFrame) -> str:
+    cols = [c for c in table.columns if c != "run_dirs"]
+    lines = [
+        r"\begin{tabular}{ll" + "r" * (len(cols) - 2) + "}",
+        r"\toprule",
+        " & ".join(_tex(c) for c in cols) + r" \\",
+        r"\midrule",
+    ]
+    previous = None
+    for values in table[cols].astype(str).values.tolist():
+        if previous is not None and values[0] != previous:
+            lines.append(r"\midrule")
+        previous = values[0]
+        lines.append(" & ".join(_tex(v) for v in values) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}", ""]
+    return "\n".join(lines)
+
+
+def write_tables(cells: pd.DataFrame, table: pd.DataFrame, out: Path, name: str = "table") -> None:
+    atomic_write(out / f"{name}.md", to_markdown(table).encode())
+    atomic_write(out / f"{name}.tex", to_latex(table).encode())
+    atomic_write(out / f"{name}.csv", table.to_csv(index=False).encode())
+    atomic_write(out / f"{name}_cells.csv", cells.to_csv(index=False).encode())
