@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from PIL import Image
 
 # Never let a test reach for the network: weights come from files the tests write.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Keep the clean-prediction cache of the test runs out of the user's home.
+os.environ.setdefault("TGR_BENCH_CACHE", tempfile.mkdtemp(prefix="tgr-bench-cache-"))
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 

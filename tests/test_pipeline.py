@@ -77,7 +77,12 @@ def test_smoke_experiment_end_to_end(make_cfg, tmp_path: Path):
     assert saved == json.loads(json.dumps(record, default=str))
     assert saved["status"] == "complete" and saved["n_images"] == 8
     assert {k: v for k, v in saved["config"]["attack"].items() if k != "patchout"} == {
-        "name": "mi", "eps": 16, "steps": 10, "alpha": None, "decay": 1.0}
+        "name": "mi",
+        "eps": 16,
+        "steps": 10,
+        "alpha": None,
+        "decay": 1.0,
+    }
     assert saved["config"]["attack"]["patchout"]["enabled"] is False
     assert {"python", "torch", "timm", "tgr_bench"} <= set(saved["versions"])
     assert (
@@ -109,8 +114,71 @@ def test_evaluating_an_existing_folder_gives_the_same_numbers(make_cfg, tmp_path
     b = pd.read_csv(tmp_path / "b" / "results.csv")
     assert a.target.tolist() == b.target.tolist()
     assert a.asr.tolist() == b.asr.tolist() and a.clean_acc.tolist() == b.clean_acc.tolist()
-    assert set(b.source) == {"external"} and record["adv_dir"].endswith("images")
+    # A tgr-bench run's images keep their source and attack; other folders are "external".
+    assert set(b.source) == {"test_vit"} and set(b.attack) == {"mi"}
+    assert record["adv_dir"][0].endswith("images")
     assert not (tmp_path / "b" / "images").exists()
+
+
+def test_many_folders_one_invocation_each_target_loaded_once(
+    make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    common = ("experiment=smoke", "data.n=3", "data.labels=random", "attack.steps=2")
+    run(make_cfg(*common, "targets=none"), output_dir=tmp_path / "mi")
+    run(make_cfg(*common, "attack=tgr", "targets=none"), output_dir=tmp_path / "tgr")
+    other = tmp_path / "other_tool"
+    other.mkdir()
+    for p in (tmp_path / "mi" / "images").iterdir():
+        (other / p.name).write_bytes(p.read_bytes())
+    from tgr_bench import evaluate
+
+    built, predicted = [], []
+    real_build, real_predict = evaluate.build_model, evaluate.predict
+    monkeypatch.setattr(
+        evaluate, "build_model", lambda spec, *a: built.append(spec.key) or real_build(spec, *a)
+    )
+    monkeypatch.setattr(
+        evaluate, "predict", lambda *a, **k: predicted.append(1) or real_predict(*a, **k)
+    )
+    folders = f"[{tmp_path / 'mi' / 'images'},{tmp_path / 'tgr' / 'images'},{other}]"
+    run(make_cfg(*common, f"adv_dir={folders}", "cache_dir=null"), output_dir=tmp_path / "eval")
+    assert built == SMOKE_TARGETS  # each target loaded once for all three folders
+    assert len(predicted) == 3 * (1 + 3)  # per target: clean once, then each folder
+    df = pd.read_csv(tmp_path / "eval" / "results.csv")
+    assert sorted(set(zip(df.source, df.attack, strict=True))) == [
+        ("external", "other_tool"),
+        ("test_vit", "mi"),
+        ("test_vit", "tgr"),
+    ]
+    mi, ext = df[df.attack == "mi"], df[df.attack == "other_tool"]
+    assert mi.asr.tolist() == ext.asr.tolist()  # same images, same numbers
+
+
+def test_clean_predictions_are_cached_across_runs(make_cfg, tmp_path: Path, monkeypatch):
+    from tgr_bench import evaluate
+
+    calls = []
+    real = evaluate.predict
+    monkeypatch.setattr(evaluate, "predict", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cache = tmp_path / "cache"
+    common = ("experiment=smoke", "data.n=2", "attack.steps=1", f"cache_dir={cache}")
+    run(make_cfg(*common), output_dir=tmp_path / "a")
+    first = len(calls)
+    assert first == 2 * 3 and len(list((cache / "clean").iterdir())) == 3
+    rec = run(make_cfg(*common, "attack=tgr"), output_dir=tmp_path / "b")
+    assert len(calls) - first == 3  # adversarial only: clean predictions came from the cache
+    a = pd.read_csv(tmp_path / "a" / "results.csv")
+    b = pd.read_csv(tmp_path / "b" / "results.csv")
+    assert a.clean_acc.tolist() == b.clean_acc.tolist()
+    assert all(t["clean_cache_key"] for t in rec["targets"])
+
+
+def test_rerunning_a_finished_run_is_a_no_op(make_cfg, tmp_path: Path):
+    cfg = make_cfg("experiment=smoke", "data.n=2", "attack.steps=1")
+    first = run(cfg, output_dir=tmp_path)
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    assert run(cfg, output_dir=tmp_path) == first
+    assert before == {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
 
 
 def test_both_folder_layouts_run(make_cfg, tmp_path: Path, csv_set: Path, json_set: Path):

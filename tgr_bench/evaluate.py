@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import gc
+import hashlib
+import io
+import json
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+import pandas as pd
 import torch
+from rich.progress import Progress
 from torch import nn
+
+from tgr_bench.atomic import atomic_write
+from tgr_bench.data import ImageSet
+from tgr_bench.models import ModelSpec, Weights, build_model
 
 
 def predict(
@@ -43,3 +56,123 @@ def metrics(labels: torch.Tensor, clean_pred: torch.Tensor, adv_pred: torch.Tens
         "n_clean_correct": n_correct,
         "n_fooled_on_correct": int((fooled & correct).sum()),
     }
+
+
+@dataclass
+class AdvSet:
+    """One set of adversarial images to evaluate, and what produced it."""
+
+    source: str
+    attack: str
+    params: str
+    images: torch.Tensor  # (N,3,H,W) uint8, aligned with the clean set
+
+
+class CleanCache:
+    """Clean predictions per (target weights, preprocessing, data, device): the same for every
+    attack on that data, so a table of 20 runs computes them once per target."""
+
+    def __init__(self, root: str | Path | None) -> None:
+        self.root = Path(root).expanduser() / "clean" if root else None
+
+    @staticmethod
+    def key(
+        provenance: dict[str, Any], data_digest: str, device: torch.device, extra: dict[str, Any]
+    ) -> str:
+        content = {
+            "model": provenance,
+            "data": data_digest,
+            "device": device.type,
+            "torch": torch.__version__,
+            **extra,
+        }
+        return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
+
+    def get(self, key: str, n: int) -> torch.Tensor | None:
+        if self.root is None or not (self.root / f"{key}.pt").is_file():
+            return None
+        try:
+            preds = torch.load(self.root / f"{key}.pt", weights_only=True)
+        except Exception:  # a damaged cache entry is recomputed, never trusted
+            return None
+        return preds if isinstance(preds, torch.Tensor) and preds.shape == (n,) else None
+
+    def put(self, key: str, preds: torch.Tensor) -> None:
+        if self.root is None:
+            return
+        buf = io.BytesIO()
+        torch.save(preds.clone(), buf)
+        atomic_write(self.root / f"{key}.pt", buf.getvalue())
+
+
+def evaluate_sets(
+    targets: list[tuple[ModelSpec, Weights | None]],
+    data: ImageSet,
+    data_digest: str,
+    adv_sets: list[AdvSet],
+    batch_size: int,
+    device: torch.device,
+    seed: int,
+    cache: CleanCache,
+    progress: Progress,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], pd.DataFrame]:
+    """Load each target once and predict every adversarial set while it is resident.
+
+    Returns metric rows (one per set and target), target provenance, and per-image predictions
+    (what shards merge and table cells trace back to).
+    """
+    rows, loaded, per_image = [], [], []
+    for spec, weights in targets:
+        base = {"target": spec.key, "target_model": spec.model}
+        if weights is None:
+            rows += [
+                {**base, **_origin(s), "n": 0, "status": "missing checkpoint"} for s in adv_sets
+            ]
+            continue
+        task = progress.add_task(f"evaluating {spec.key}", total=(1 + len(adv_sets)) * len(data))
+        target = build_model(spec, weights, device, seed)
+
+        def step(n: int, task: Any = task) -> None:
+            progress.advance(task, n)
+
+        key = CleanCache.key(
+            target.provenance(),
+            data_digest,
+            device,
+            {"kwargs": spec.kwargs, "seed": seed if weights.kind == "random" else None},
+        )
+        clean_pred = cache.get(key, len(data))
+        if clean_pred is None:
+            clean_pred = predict(target.model, data.images, batch_size, device, step)
+            cache.put(key, clean_pred)
+        else:
+            step(len(data))
+        for s in adv_sets:
+            adv_pred = predict(target.model, s.images, batch_size, device, step)
+            rows.append(
+                {**base, **_origin(s), "status": "ok", **metrics(data.labels, clean_pred, adv_pred)}
+            )
+            per_image.append(
+                pd.DataFrame(
+                    {
+                        "source": s.source,
+                        "attack": s.attack,
+                        "stem": data.stems,
+                        "label": data.labels.tolist(),
+                        "target": spec.key,
+                        "clean_pred": clean_pred.tolist(),
+                        "adv_pred": adv_pred.tolist(),
+                    }
+                )
+            )
+        loaded.append({**target.provenance(), "clean_cache_key": key})
+        del target
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    columns = ["source", "attack", "stem", "label", "target", "clean_pred", "adv_pred"]
+    return rows, loaded, pd.concat(per_image) if per_image else pd.DataFrame(columns=columns)
+
+
+def _origin(s: AdvSet) -> dict[str, Any]:
+    return {"source": s.source, "attack": s.attack, "params": s.params}

@@ -4,7 +4,6 @@ write results. `run(cfg)` is what the CLI calls and what tests call directly."""
 from __future__ import annotations
 
 import contextlib
-import gc
 import hashlib
 import json
 import logging
@@ -13,7 +12,6 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
@@ -24,7 +22,7 @@ from tgr_bench.atomic import atomic_write
 from tgr_bench.attacks import Attack, build_attack
 from tgr_bench.data import ImageSet, load_adversarial, load_dataset
 from tgr_bench.errors import UserError
-from tgr_bench.evaluate import metrics, predict
+from tgr_bench.evaluate import AdvSet, CleanCache, evaluate_sets, predict
 from tgr_bench.images import encode_png, quantize
 from tgr_bench.models import (
     LoadedModel,
@@ -146,77 +144,41 @@ def craft(
     return {"attacked": len(todo), "resumed": len(done), **attack.stats()}
 
 
-def evaluate_targets(
-    targets: list[tuple[ModelSpec, Any]],
-    data: ImageSet,
-    adv_images: torch.Tensor,
-    batch_size: int,
-    device: torch.device,
-    seed: int,
-    console: Console,
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]], pd.DataFrame]:
-    """Load each target once, predict clean and adversarial images; return metrics rows, target
-    provenance, and per-image predictions (what shards merge and cells trace back to)."""
-    rows, loaded, per_image = [], [], []
-    with _progress(console) as progress:
-        for spec, weights in targets:
-            if weights is None:
-                rows.append(
-                    {
-                        "target": spec.key,
-                        "target_model": spec.model,
-                        "n": 0,
-                        "status": "missing checkpoint",
-                    }
-                )
-                continue
-            task = progress.add_task(f"evaluating {spec.key}", total=2 * len(data))
-            target = build_model(spec, weights, device, seed)
+def data_digest(data: ImageSet) -> str:
+    h = hashlib.sha256(data.images.numpy().tobytes())
+    h.update(data.labels.numpy().tobytes())
+    h.update("\n".join(data.stems).encode())
+    return h.hexdigest()
 
-            def step(n: int, task: Any = task) -> None:
-                progress.advance(task, n)
 
-            clean_pred = predict(target.model, data.images, batch_size, device, step)
-            adv_pred = predict(target.model, adv_images, batch_size, device, step)
-            rows.append(
-                {
-                    "target": spec.key,
-                    "target_model": spec.model,
-                    "status": "ok",
-                    **metrics(data.labels, clean_pred, adv_pred),
-                }
-            )
-            loaded.append(target.provenance())
-            per_image.append(
-                pd.DataFrame(
-                    {
-                        "stem": data.stems,
-                        "label": data.labels.tolist(),
-                        "target": spec.key,
-                        "clean_pred": clean_pred.tolist(),
-                        "adv_pred": adv_pred.tolist(),
-                    }
+def _external_sets(folders: list[str], data: ImageSet) -> list[AdvSet]:
+    """Adversarial folders from anywhere; a tgr-bench run's images/ keeps its source and attack."""
+    sets = []
+    for folder in folders:
+        path = Path(folder).expanduser()
+        source, attack, params = "external", path.name, f"adv_dir={path}"
+        record = path.parent / "run.json"
+        if path.name == IMAGES_DIR and record.is_file():
+            try:
+                made = json.loads(record.read_text())
+                source, attack = made["source"]["key"], made["attack"]["name"]
+                params = format_params(
+                    {k: v for k, v in made["attack"].items() if k not in ("name", "reference")}
                 )
-            )
-            del target
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    columns = ["stem", "label", "target", "clean_pred", "adv_pred"]
-    return rows, loaded, pd.concat(per_image) if per_image else pd.DataFrame(columns=columns)
+            except (ValueError, KeyError):
+                pass
+        sets.append(AdvSet(source, attack, params, load_adversarial(path, data)))
+    return sets
 
 
 def _identity(cfg: DictConfig, data: ImageSet, attack: Attack, source: Weights) -> dict:
     """What the saved images are a function of: a resumed run must match it exactly."""
-    data_hash = hashlib.sha256(data.images.numpy().tobytes())
-    data_hash.update(data.labels.numpy().tobytes())
-    data_hash.update("\n".join(data.stems).encode())
     return {
         "source": OmegaConf.to_container(cfg.source, resolve=True),
         "source_weights_sha256": source.sha256,
         "attack": {"name": attack.label, **attack.params()},
         "data": OmegaConf.to_container(cfg.data, resolve=True),
-        "data_sha256": data_hash.hexdigest(),
+        "data_sha256": data_digest(data),
         "seed": int(cfg.get("seed", 0)),
     }
 
@@ -240,6 +202,18 @@ def determinism(device: torch.device) -> dict[str, Any]:
     return flags
 
 
+def _already_complete(out_dir: Path, config: dict[str, Any]) -> dict[str, Any] | None:
+    """The record of a finished run with exactly this config: re-running it is a no-op."""
+    path = out_dir / "run.json"
+    try:
+        record = json.loads(path.read_text()) if path.is_file() else None
+    except ValueError:
+        return None
+    if record and record.get("status") == "complete" and record.get("config") == config:
+        return record
+    return None
+
+
 def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]:
     """Validate, craft, evaluate, write results.csv / results.md / run.json; return run.json."""
     started = provenance.now()
@@ -251,17 +225,25 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
     batch_size = _positive_int(cfg, "batch_size")
     eval_batch_size = _positive_int(cfg, "eval_batch_size")
     seed = int(cfg.get("seed", 0))
-    adv_dir = cfg.get("adv_dir")
-    attack = None if adv_dir else build_attack(cfg.attack)
-    source_spec = None if adv_dir else ModelSpec.from_cfg(cfg.source)
+    adv_dirs = cfg.get("adv_dir")
+    if isinstance(adv_dirs, str):
+        adv_dirs = [adv_dirs]
+    adv_dirs = list(adv_dirs) if adv_dirs else []
+    attack = None if adv_dirs else build_attack(cfg.attack)
+    source_spec = None if adv_dirs else ModelSpec.from_cfg(cfg.source)
     target_specs = _target_specs(cfg)
     for spec in ([source_spec] if source_spec else []) + target_specs:
         check_model_name(spec)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    finished = _already_complete(out_dir, config)
+    if finished is not None:
+        console.print(f"[green]already complete:[/green] {out_dir} (same config); nothing to do")
+        return finished
     data = load_dataset(cfg.data)
-    if adv_dir:
-        adv_images = load_adversarial(adv_dir, data)
-        if not target_specs:
-            raise UserError("adv_dir= evaluates against targets, but targets=none lists none.")
+    digest = data_digest(data)
+    external = _external_sets(adv_dirs, data) if adv_dirs else []
+    if adv_dirs and not target_specs:
+        raise UserError("adv_dir= evaluates against targets, but targets=none lists none.")
     source_weights = resolve_weights(source_spec) if source_spec else None
     target_weights: list[Weights | None] = []
     for spec in target_specs:
@@ -276,7 +258,7 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
     torch.manual_seed(seed)
     record: dict[str, Any] = {
         "status": "running",
-        "config": OmegaConf.to_container(cfg, resolve=True),
+        "config": config,
         "seed": seed,
         "versions": provenance.versions(),
         "git_commit": provenance.git_commit(),
@@ -284,7 +266,7 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
         "determinism": determinism(device),
         "started": started,
         "n_images": len(data),
-        "data": {"root": data.root, "layout": data.layout, "shard": data.shard},
+        "data": {"root": data.root, "layout": data.layout, "shard": data.shard, "sha256": digest},
     }
 
     crafting = attack is not None and source_spec is not None and source_weights is not None
@@ -298,6 +280,7 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
                 # Random-weight smoke models know no ImageNet: label each synthetic image with
                 # the source's clean prediction so the white-box success rate means something.
                 data.labels = predict(source.model, data.images, eval_batch_size, device)
+                digest = data_digest(data)
             # Checks the source (supported family, every component fires, k fits) before the
             # run directory is touched.
             attacking.enter_context(attack.source_context(source.model))
@@ -318,38 +301,45 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
                 attacking.close()  # leaves the source context, which checks the fired counts
                 record["crafting"].update(attack.stats())
                 del source
-                adv_images = load_adversarial(images_dir, data)  # evaluate what was saved
-                source_key, attack_name = source_spec.key, attack.label
-                params = format_params(attack.params())
+                sets = [
+                    AdvSet(
+                        source_spec.key,
+                        attack.label,
+                        format_params(attack.params()),
+                        load_adversarial(images_dir, data),
+                    )
+                ]  # evaluate what was saved
             else:
-                source_key, attack_name, params = "external", "external", f"adv_dir={adv_dir}"
-                record["adv_dir"] = str(Path(adv_dir).resolve())
+                record["adv_dir"] = [str(Path(d).expanduser().resolve()) for d in adv_dirs]
                 record["crafting"] = {"attacked": 0, "resumed": 0}
-            diff = (adv_images.int() - data.images.int()).abs()
-            record["crafting"]["linf_levels_max"] = int(diff.amax()) if diff.numel() else 0
-
-            rows, loaded, predictions = evaluate_targets(
-                list(zip(target_specs, target_weights, strict=True)),
-                data,
-                adv_images,
-                eval_batch_size,
-                device,
-                seed,
-                console,
+                sets = external
+            record["crafting"]["linf_levels_max"] = max(
+                int((s.images.int() - data.images.int()).abs().amax()) for s in sets
             )
-            for row in rows:
-                row.update(
-                    source=source_key,
-                    attack=attack_name,
-                    params=params,
-                    white_box=row["target"] == source_key,
+
+            cache = CleanCache(cfg.get("cache_dir"))
+            with _progress(console) as progress:
+                rows, loaded, predictions = evaluate_sets(
+                    list(zip(target_specs, target_weights, strict=True)),
+                    data,
+                    digest,
+                    sets,
+                    eval_batch_size,
+                    device,
+                    seed,
+                    cache,
+                    progress,
                 )
+            for row in rows:
+                row["white_box"] = row["target"] == row["source"]
             record["targets"] = loaded
             df = results_frame(rows)
             if rows:
                 write_results(df, out_dir)
                 atomic_write(out_dir / "predictions.csv", predictions.to_csv(index=False).encode())
-                print_table(df, f"{attack_name} on {source_key}: {len(data)} images", console)
+                for s in sets:
+                    part = df[(df.source == s.source) & (df.attack == s.attack)]
+                    print_table(part, f"{s.attack} on {s.source}: {len(data)} images", console)
             record["status"] = "complete"
             record["finished"] = provenance.now()
             atomic_write(out_dir / "run.json", json.dumps(record, indent=2, default=str).encode())
