@@ -34,7 +34,7 @@ from tgr_bench.models import (
     resolve_weights,
 )
 from tgr_bench.report import format_params, print_table, results_frame, write_results
-from tgr_bench.resume import MANIFEST, Manifest, run_lock
+from tgr_bench.resume import MANIFEST, Manifest, run_lock, verified
 
 log = logging.getLogger(__name__)
 
@@ -202,16 +202,23 @@ def determinism(device: torch.device) -> dict[str, Any]:
     return flags
 
 
-def _already_complete(out_dir: Path, config: dict[str, Any]) -> dict[str, Any] | None:
-    """The record of a finished run with exactly this config: re-running it is a no-op."""
+def _already_complete(
+    out_dir: Path, config: dict[str, Any], data: ImageSet, crafting: bool
+) -> dict[str, Any] | None:
+    """The record of a finished run with exactly this config whose images are all still there
+    and verified: re-running it is a no-op."""
     path = out_dir / "run.json"
     try:
         record = json.loads(path.read_text()) if path.is_file() else None
     except ValueError:
         return None
-    if record and record.get("status") == "complete" and record.get("config") == config:
-        return record
-    return None
+    if not record or record.get("status") != "complete" or record.get("config") != config:
+        return None
+    if crafting:
+        done = Manifest.entries(out_dir / MANIFEST)
+        if len(verified(done, out_dir / IMAGES_DIR, data.stems)) != len(data):
+            return None
+    return record
 
 
 def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]:
@@ -235,11 +242,11 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
     for spec in ([source_spec] if source_spec else []) + target_specs:
         check_model_name(spec)
     config = OmegaConf.to_container(cfg, resolve=True)
-    finished = _already_complete(out_dir, config)
+    data = load_dataset(cfg.data)
+    finished = _already_complete(out_dir, config, data, attack is not None)
     if finished is not None:
         console.print(f"[green]already complete:[/green] {out_dir} (same config); nothing to do")
         return finished
-    data = load_dataset(cfg.data)
     digest = data_digest(data)
     external = _external_sets(adv_dirs, data) if adv_dirs else []
     if adv_dirs and not target_specs:

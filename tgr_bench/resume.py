@@ -49,6 +49,17 @@ def run_lock(out_dir: Path) -> Iterator[None]:
         os.close(fd)  # closing releases the lock
 
 
+def verified(done: dict[str, str], images_dir: Path, stems: list[str]) -> set[str]:
+    """Stems listed in `done` (stem -> sha256) whose PNG still has that hash."""
+    ok = set()
+    for stem in stems:
+        digest = done.get(stem)
+        path = images_dir / f"{stem}.png"
+        if digest and path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == digest:
+            ok.add(stem)
+    return ok
+
+
 class Manifest:
     def __init__(self, path: Path, identity: dict[str, Any]) -> None:
         self.path = path
@@ -86,17 +97,20 @@ class Manifest:
 
     def verified(self, images_dir: Path, stems: list[str]) -> set[str]:
         """Stems whose PNG is listed and still has the listed hash."""
-        ok = set()
-        for stem in stems:
-            digest = self.done.get(stem)
-            path = images_dir / f"{stem}.png"
-            if (
-                digest
-                and path.is_file()
-                and hashlib.sha256(path.read_bytes()).hexdigest() == digest
-            ):
-                ok.add(stem)
-        return ok
+        return verified(self.done, images_dir, stems)
+
+    @staticmethod
+    def entries(path: Path) -> dict[str, str]:
+        """stem -> sha256 of a manifest, without checking what it was crafted from."""
+        done = {}
+        for line in path.read_text().splitlines() if path.is_file() else []:
+            try:
+                e = json.loads(line)
+            except ValueError:
+                continue
+            if "stem" in e and "sha256" in e:
+                done[e["stem"]] = e["sha256"]
+        return done
 
     def _append(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
