@@ -1,31 +1,69 @@
-# tgr-bench: `make smoke` (offline end-to-end run) and `make test` set up .venv when missing.
+# tgr-bench. `make help` lists the targets with what each needs and roughly how long it runs.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.tgr-bench-installed
 
-.PHONY: help install smoke test lint clean
+# Paper reproduction settings (override on the command line: make table1 DATA=/data/tgr1000).
+DATA ?= data/tgr1000/clean_resized_images
+SOURCES ?= vit_base,pit_b,cait_s24,visformer_s
+ATTACKS ?= mi,vmi,sgm,pna,tgr
+RUNS ?= multirun
+LAUNCHER ?=
+ARGS ?=
+SWEEP = $(BIN)/tgr-bench -m data.root=$(DATA) $(LAUNCHER) $(ARGS)
+REPORT = $(BIN)/tgr-bench-report
+
+.PHONY: help install smoke test lint clean paper-runs table1 table2 table3 ablation-k \
+	ablation-components
 
 help:  ## list the targets
-	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@echo "tgr-bench make targets (venv: $(VENV); paper data: DATA=$(DATA))"
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-20s %s\n", $$1, $$2}'
+	@echo "Paper targets need a GPU, the 1000-image set (DATA=..., see README) and either network"
+	@echo "for the timm weights or a filled Hugging Face cache; res_v2_101, inc_v3_ens3/4 need"
+	@echo "checkpoints (ARGS='targets.res_v2_101.checkpoint=...'). Times: one H100/A100, fp32."
+	@echo "Runs resume: re-running a target finishes what is missing. LAUNCHER=hydra/launcher=slurm"
+	@echo "sends every run to Slurm (conf/hydra/launcher/slurm.yaml)."
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	@touch $(STAMP)
 
-install: $(STAMP)  ## create .venv and install tgr-bench with its dev tools
+install: $(STAMP)  ## create .venv and install tgr-bench with its dev tools (CPU ok)
 
-smoke: $(STAMP)  ## offline smoke run: tiny random-weight timm models, synthetic images (CPU, seconds)
+smoke: $(STAMP)  ## offline smoke run: tiny random-weight timm models, synthetic images (CPU, ~10 s)
 	$(BIN)/tgr-bench experiment=smoke
 
-test: $(STAMP)  ## lint and the whole test suite (CPU only, no network)
+test: $(STAMP)  ## lint and the whole test suite (CPU, no network, ~5 min on 2 cores)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)  ## ruff
 	$(BIN)/ruff check .
 
-clean:  ## remove run outputs (not .venv)
+paper-runs: $(STAMP)  ## GPU+data: 4 sources x 5 attacks on all 15 targets, once for tables 1 and 2 (~1 h)
+	$(SWEEP) source=$(SOURCES) attack=$(ATTACKS) targets=paper hydra.sweep.dir=$(RUNS)/paper
+
+table1: paper-runs  ## GPU+data: Table 1, ViT targets -> results/table1/
+	$(REPORT) $(RUNS)/paper --groups vits --out results/table1
+
+table2: paper-runs  ## GPU+data: Table 2, CNN and defended targets -> results/table2/
+	$(REPORT) $(RUNS)/paper --groups cnns,defended --out results/table2
+
+table3: $(STAMP)  ## GPU+data: Table 3, PNA+PatchOut vs TGR+PatchOut, all targets (~20 min)
+	$(SWEEP) source=$(SOURCES) attack=pna_patchout,tgr_patchout targets=paper hydra.sweep.dir=$(RUNS)/table3
+	$(REPORT) $(RUNS)/table3 --out results/table3
+
+ablation-k: $(STAMP)  ## GPU+data: TGR on vit_base, k = 1,2,4,8,16 -> plot and table (~10 min)
+	$(SWEEP) source=vit_base attack=tgr attack.k=1,2,4,8,16 targets=paper hydra.sweep.dir=$(RUNS)/ablation_k
+	$(REPORT) $(RUNS)/ablation_k --sweep k --out results/ablation_k
+
+ablation-components: $(STAMP)  ## GPU+data: TGR on vit_base, every subset of attn/qkv/mlp -> bar chart (~15 min)
+	$(SWEEP) source=vit_base attack=tgr 'attack.components=[attn],[qkv],[mlp],[attn,qkv],[attn,mlp],[qkv,mlp],[attn,qkv,mlp]' targets=paper hydra.sweep.dir=$(RUNS)/ablation_components
+	$(REPORT) $(RUNS)/ablation_components --components --out results/ablation_components
+
+clean:  ## remove run outputs (not .venv, not results/)
 	rm -rf outputs multirun build dist *.egg-info

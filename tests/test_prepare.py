@@ -1,0 +1,151 @@
+"""tgr-bench-prepare on a small synthetic "raw val" folder; launcher presets; make targets."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import cli
+from tgr_bench.data import load_folder
+from tgr_bench.prepare import main as prepare
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def raw_val(root: Path, classes: int = 3, per_class: int = 4) -> Path:
+    """ILSVRC-style val folder sorted into synset folders, JPEGs of varied sizes and modes."""
+    g = torch.Generator().manual_seed(0)
+    for c in range(classes):
+        folder = root / f"n0{c:07d}"
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            w, h = 300 + 20 * i, 260 + 30 * c
+            arr = (torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy()
+            img = Image.fromarray(arr)
+            if i == 1:
+                img = img.convert("L")  # ImageNet has grayscale and CMYK JPEGs
+            img.save(folder / f"ILSVRC2012_val_{c * per_class + i + 1:08d}.JPEG", quality=90)
+    return root
+
+
+def test_build_is_deterministic_and_checks_out(tmp_path: Path, capsys):
+    val = raw_val(tmp_path / "val")
+    for out in ("a", "b"):
+        with pytest.raises(SystemExit) as exit_:
+            prepare(["build", "--val", str(val), "--out", str(tmp_path / out), "--seed", "3"])
+        assert exit_.value.code == 0
+    a = sorted((tmp_path / "a").iterdir())
+    assert [p.name for p in a] == [p.name for p in sorted((tmp_path / "b").iterdir())]
+    assert all(p.read_bytes() == (tmp_path / "b" / p.name).read_bytes() for p in a)
+    data = load_folder(tmp_path / "a")
+    assert len(data) == 3 and data.images.shape[1:] == (3, 224, 224)
+    assert data.labels.tolist() == [0, 1, 2]
+    labels = pd.read_csv(tmp_path / "a" / "labels.csv")
+    # One image per class, chosen among that class's files.
+    for name, label in zip(labels.filename, labels.label, strict=True):
+        number = int(name.split("_")[-1].split(".")[0])
+        assert (number - 1) // 4 == label
+    with pytest.raises(SystemExit):
+        prepare(["build", "--val", str(val), "--out", str(tmp_path / "c"), "--seed", "4"])
+    other = sorted(pd.read_csv(tmp_path / "c" / "labels.csv").filename)
+    assert other != sorted(labels.filename)  # another seed, another draw
+    assert "ok" in capsys.readouterr().out
+
+
+def test_resize_and_crop_follow_the_protocol(tmp_path: Path):
+    from tgr_bench.prepare import resize_crop
+
+    path = tmp_path / "x.png"
+    ramp = torch.arange(512).repeat(256, 1).to(torch.float32).div(2).to(torch.uint8)
+    Image.fromarray(ramp.numpy()).convert("RGB").save(path)  # 512x256: short side is 256
+    out = resize_crop(path)
+    assert out.size == (224, 224)
+    # Already at short side 256: the crop is the central 224 columns (offset 144).
+    assert abs(int(out.getpixel((0, 0))[0]) - 72) <= 1
+
+
+def test_check_reports_duplicates_and_wrong_sizes(tmp_path: Path, capsys):
+    val = raw_val(tmp_path / "val", classes=2, per_class=2)
+    out = tmp_path / "set"
+    with pytest.raises(SystemExit):
+        prepare(["build", "--val", str(val), "--out", str(out)])
+    first = sorted(out.glob("*.png"))[0]
+    (out / "ILSVRC2012_val_00009999.png").write_bytes(first.read_bytes())
+    with open(out / "labels.csv", "a") as f:
+        f.write("ILSVRC2012_val_00009999.png,7\n")
+    with pytest.raises(SystemExit) as exit_:
+        prepare(["check", str(out)])
+    assert exit_.value.code == 1
+    assert "duplicates" in capsys.readouterr().out
+
+
+def test_check_accepts_the_authors_layout(json_set: Path, capsys):
+    with pytest.raises(SystemExit):
+        prepare(["check", str(json_set.parent)])
+    assert "layout json" in capsys.readouterr().out
+
+
+def test_submitit_local_launcher_runs_the_sweep(tmp_path: Path):
+    sweep = tmp_path / "sweep"
+    r = subprocess.run(
+        cli(
+            "-m",
+            "hydra/launcher=submitit_local",
+            "experiment=smoke",
+            "data.n=2",
+            "attack.steps=1",
+            "targets=none",
+            "attack=tgr",
+            "attack.k=1,2",
+            f"hydra.sweep.dir={sweep}",
+        ),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr
+    assert len(list(sweep.glob("*/run.json"))) == 2
+
+
+def test_launcher_presets_compose(make_cfg):
+    from hydra import compose, initialize_config_module
+
+    for preset, key in (("slurm", "gpus_per_node"), ("local_parallel", "n_jobs")):
+        with initialize_config_module("tgr_bench.conf", version_base="1.3"):
+            cfg = compose(
+                "config", overrides=[f"hydra/launcher={preset}"], return_hydra_config=True
+            )
+        assert key in cfg.hydra.launcher
+
+
+def test_make_targets_run_the_documented_commands():
+    r = subprocess.run(
+        [
+            "make",
+            "-n",
+            "table1",
+            "table2",
+            "ablation-k",
+            "ablation-components",
+            "table3",
+            "DATA=/d",
+            "STAMP=/dev/null",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "source=vit_base,pit_b,cait_s24,visformer_s attack=mi,vmi,sgm,pna,tgr" in out
+    assert "tgr-bench-report multirun/paper --groups vits --out results/table1" in out
+    assert "attack.k=1,2,4,8,16" in out and "--sweep k --out results/ablation_k" in out
+    assert "'attack.components=[attn],[qkv],[mlp]" in out
+    help_ = subprocess.run(["make", "help"], cwd=ROOT, capture_output=True, text=True).stdout
+    assert "GPU+data" in help_ and "table1" in help_ and "ablation-k" in help_

@@ -1,0 +1,145 @@
+"""`tgr-bench-prepare`: build the reproducible 1000-image set from the raw ILSVRC2012 validation
+images, and check an existing set.
+
+Usage:
+    tgr-bench-prepare build --val /data/imagenet/val --out data/val1000 [--per-class 1] [--seed 0]
+    tgr-bench-prepare check data/val1000            # or the authors' clean_resized_images/
+
+`--val` is either the validation folder sorted into one sub-folder per synset (n01440764/...,
+the usual layout after the devkit's valprep script; class index = sorted synset order, as
+timm/torchvision) or a flat folder of the 50,000 JPEGs with `--labels FILE`, a CSV
+`filename,label` of 0-based class indices in that same order. Selection: per class, the images
+sorted by name, `--per-class` of them drawn with a generator seeded by `--seed` and the class.
+Each is resized to short side 256 (bicubic), center-cropped to 224 and saved as PNG, with
+`labels.csv` (protocol.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import random
+import sys
+from collections import Counter
+from pathlib import Path
+
+from PIL import Image
+
+from tgr_bench.atomic import atomic_write
+from tgr_bench.data import IMAGE_EXTENSIONS, load_folder
+from tgr_bench.errors import UserError
+
+SHORT_SIDE, CROP = 256, 224
+
+
+def _raw_index(val: Path, labels: Path | None) -> dict[int, list[Path]]:
+    if not val.is_dir():
+        raise UserError(f"Validation folder {val} does not exist.")
+    by_class: dict[int, list[Path]] = {}
+    synsets = sorted(p for p in val.iterdir() if p.is_dir())
+    if synsets:
+        for label, folder in enumerate(synsets):
+            by_class[label] = sorted(
+                p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS
+            )
+        return by_class
+    if labels is None:
+        raise UserError(f"{val} has no synset sub-folders: pass --labels filename,label CSV.")
+    with open(labels, newline="") as f:
+        for row in csv.DictReader(f):
+            by_class.setdefault(int(row["label"]), []).append(val / row["filename"].strip())
+    return {k: sorted(v) for k, v in by_class.items()}
+
+
+def resize_crop(path: Path) -> Image.Image:
+    """Short side 256 (bicubic), then the center 224x224, as torchvision's Resize+CenterCrop."""
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        w, h = im.size
+        if w <= h:
+            size = (SHORT_SIDE, int(SHORT_SIDE * h / w))
+        else:
+            size = (int(SHORT_SIDE * w / h), SHORT_SIDE)
+        im = im.resize(size, Image.BICUBIC)
+        left = int(round((size[0] - CROP) / 2.0))
+        top = int(round((size[1] - CROP) / 2.0))
+        return im.crop((left, top, left + CROP, top + CROP))
+
+
+def build(val: Path, out: Path, labels: Path | None, per_class: int, seed: int) -> int:
+    by_class = _raw_index(val, labels)
+    rows = []
+    for label in sorted(by_class):
+        files = by_class[label]
+        if len(files) < per_class:
+            raise UserError(f"Class {label} has {len(files)} images, fewer than {per_class}.")
+        for path in sorted(random.Random(f"{seed}:{label}").sample(files, per_class)):
+            buf = io.BytesIO()
+            resize_crop(path).save(buf, format="PNG")
+            atomic_write(out / f"{path.stem}.png", buf.getvalue())
+            rows.append((f"{path.stem}.png", label))
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["filename", "label"])
+    writer.writerows(sorted(rows))
+    atomic_write(out / "labels.csv", text.getvalue().encode())
+    return len(rows)
+
+
+def check(root: Path) -> list[str]:
+    """Problems with an image set (empty when it is sound): readable 8-bit RGB 224x224 images,
+    labels for all of them in 0..999, one image per class, no duplicate pixels."""
+    data = load_folder(root)  # raises on unreadable files, bad labels, mixed sizes
+    problems = []
+    if tuple(data.images.shape[2:]) != (CROP, CROP):
+        problems.append(f"images are {tuple(data.images.shape[2:])}, not 224x224")
+    per_class = Counter(data.labels.tolist())
+    if len(per_class) != len(data):
+        extra = sum(c - 1 for c in per_class.values())
+        problems.append(f"{extra} images share a class with another image")
+    digests: dict[str, str] = {}
+    for stem, img in zip(data.stems, data.images, strict=True):
+        d = hashlib.sha256(img.numpy().tobytes()).hexdigest()
+        if d in digests:
+            problems.append(f"{stem} duplicates {digests[d]}")
+        digests.setdefault(d, stem)
+    print(f"{root}: {len(data)} images, {len(per_class)} classes, layout {data.layout}")
+    return problems
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        prog="tgr-bench-prepare",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="build the seeded one-image-per-class set")
+    b.add_argument("--val", type=Path, required=True)
+    b.add_argument("--labels", type=Path)
+    b.add_argument("--out", type=Path, required=True)
+    b.add_argument("--per-class", type=int, default=1)
+    b.add_argument("--seed", type=int, default=0)
+    c = sub.add_parser("check", help="check an existing set")
+    c.add_argument("root", type=Path)
+    args = p.parse_args(argv)
+    try:
+        if args.command == "build":
+            n = build(args.val, args.out, args.labels, args.per_class, args.seed)
+            print(f"wrote {n} images and labels.csv to {args.out}")
+            problems = check(args.out)
+        else:
+            problems = check(args.root)
+    except UserError as e:
+        print(f"tgr-bench-prepare: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    for problem in problems:
+        print(f"problem: {problem}")
+    print("ok" if not problems else f"{len(problems)} problem(s)")
+    sys.exit(1 if problems else 0)
+
+
+if __name__ == "__main__":
+    main()
