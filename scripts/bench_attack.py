@@ -42,7 +42,7 @@ def sync(device: torch.device) -> None:
 
 def time_attack(name: str, model, x, y, steps: int, reps: int, warmup: int) -> list[float]:
     attack = build_attack({"name": name, "steps": steps})
-    seeds = torch.zeros(len(x), dtype=torch.int64, device=x.device)
+    seeds = list(range(len(x)))
     times = []
     with attack.source_context(model):
         for i in range(warmup + reps):

@@ -30,7 +30,7 @@ def pngs(attack: Attack, model, x, y, seeds) -> torch.Tensor:
 
 def assert_batch_invariant(attack: Attack, model, n: int = 3) -> None:
     x, y = batch(n)
-    seeds = torch.arange(100, 100 + n)
+    seeds = list(range(100, 100 + n))
     together = pngs(attack, model, x, y, seeds)
     alone = torch.cat(
         [pngs(attack, model, x[i : i + 1], y[i : i + 1], seeds[i : i + 1]) for i in range(n)]
@@ -67,7 +67,7 @@ def reference_vmi(model, x, y, seeds, attack: VMI) -> torch.Tensor:
 def test_vmi_equals_step_by_step_reference():
     model = tiny("vit")
     x, y = batch(2)
-    seeds = torch.tensor([11, 12])
+    seeds = [11, 12]
     attack = VMI(steps=3, n_samples=4, beta=1.5)
     adv = attack.perturb(model, x, y, seeds)
     ref = reference_vmi(model, x, y, seeds, attack)
@@ -80,12 +80,12 @@ def test_vmi_equals_step_by_step_reference():
 def test_vmi_noise_is_uniform_in_the_neighbourhood_and_per_image():
     attack = VMI(n_samples=6, beta=1.5)
     x = torch.zeros(2, 3, 8, 8)
-    both = attack.neighbour_noise(x, 2, torch.tensor([5, 9]))
+    both = attack.neighbour_noise(x, 2, [5, 9])
     assert both.shape == (2, 6, 3, 8, 8)
     assert both.abs().max() <= 1.5 * 16 / 255 and both.abs().max() > 1.3 * 16 / 255
-    assert torch.equal(both[1:], attack.neighbour_noise(x[:1], 2, torch.tensor([9])))
+    assert torch.equal(both[1:], attack.neighbour_noise(x[:1], 2, [9]))
     assert not torch.equal(both[0], both[1])
-    assert not torch.equal(both, attack.neighbour_noise(x, 3, torch.tensor([5, 9])))
+    assert not torch.equal(both, attack.neighbour_noise(x, 3, [5, 9]))
 
 
 def test_vmi_batch_invariance():
@@ -98,7 +98,7 @@ def test_vmi_neighbours_are_batched(chunk, passes):
     sizes = []
     handle = model.register_forward_hook(lambda m, a, o: sizes.append(a[0].shape[0]))
     x, y = batch(2)
-    VMI(steps=1, n_samples=20, chunk=chunk).perturb(model, x, y, torch.arange(2))
+    VMI(steps=1, n_samples=20, chunk=chunk).perturb(model, x, y, [0, 1])
     handle.remove()
     assert sizes[0] == 2  # the gradient at x_t
     assert sizes[1:] == ([40] if chunk is None else [16, 16, 8])
@@ -226,7 +226,7 @@ def test_pna_gradient_through_every_attention_map_is_exactly_zero(family):
 # ---- PatchOut -----------------------------------------------------------------------------------
 def test_patchout_keeps_exactly_n_whole_patches_per_image_and_step():
     p = PatchOut(n_patches=130, patch_size=16, mask="per_image")
-    seeds = torch.tensor([1, 2, 3])
+    seeds = [1, 2, 3]
     masks = [p.masks(torch.Size((3, 3, 224, 224)), t, seeds, torch.device("cpu")) for t in range(3)]
     for m in masks:
         assert m.shape == (3, 1, 224, 224)
@@ -244,7 +244,7 @@ def test_patchout_keeps_exactly_n_whole_patches_per_image_and_step():
 def test_patchout_update_outside_the_mask_is_the_l2_term_per_image():
     model = tiny("vit")
     x, y = batch(2)
-    seeds = torch.tensor([3, 4])
+    seeds = [3, 4]
     g = torch.Generator().manual_seed(1)
     delta = (torch.rand(x.shape, generator=g) - 0.5) * 0.1
     delta[1] *= 10  # image 1's perturbation is much larger
@@ -281,7 +281,7 @@ def test_patchout_presets_are_batch_invariant(make_cfg, name):
     model = tiny("vit")
     x, y = batch(3)
     x = F.interpolate(x, size=(224, 224), mode="nearest")  # PatchOut's 14x14 grid of 16x16
-    seeds = torch.arange(3)
+    seeds = [0, 1, 2]
     together = pngs(attack, model, x, y, seeds)
     alone = torch.cat(
         [pngs(attack, model, x[i : i + 1], y[i : i + 1], seeds[i : i + 1]) for i in range(3)]

@@ -65,7 +65,7 @@ def batch(n: int, seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def grad_of(attack: Attack, model, x, y) -> torch.Tensor:
-    return attack.input_gradient(model, x, torch.zeros_like(x), y, 0, torch.zeros(len(x)))
+    return attack.input_gradient(model, x, torch.zeros_like(x), y, 0, [0] * len(x))
 
 
 # ---- an independent, loop-by-loop reading of tgr.md section 2 ----------------------------------
@@ -209,7 +209,7 @@ def test_batch_equals_alone(family):
         alone = torch.cat([grad_of(attack, model, x[i : i + 1], y[i : i + 1]) for i in range(3)])
         # Equal up to float summation order of batched kernels; the PNGs below are identical.
         assert torch.allclose(together, alone, rtol=1e-3, atol=1e-4 * together.abs().max())
-        seeds = torch.zeros(3, dtype=torch.int64)
+        seeds = [0, 0, 0]
         clean = (x * 255).round().to(torch.uint8)
         png_together = quantize(attack.perturb(model, x, y, seeds), clean, 16)
         png_alone = torch.cat(

@@ -8,7 +8,6 @@ import hashlib
 import json
 import logging
 import os
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +19,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from tgr_bench import provenance
 from tgr_bench.atomic import atomic_write
 from tgr_bench.attacks import Attack, build_attack
+from tgr_bench.crafting import craft, resolve_batch_size
 from tgr_bench.data import ImageSet, load_adversarial, load_dataset
 from tgr_bench.errors import UserError
 from tgr_bench.evaluate import AdvSet, CleanCache, evaluate_sets, predict
-from tgr_bench.images import encode_png, quantize
 from tgr_bench.models import (
-    LoadedModel,
     MissingCheckpoint,
     ModelSpec,
     Weights,
@@ -82,14 +80,6 @@ def _target_specs(cfg: DictConfig) -> list[ModelSpec]:
     return specs
 
 
-def image_seeds(stems: list[str], seed: int) -> torch.Tensor:
-    """One seed per image from its name and the run seed: random draws of an image never depend
-    on which other images share its batch."""
-    return torch.tensor(
-        [zlib.crc32(s.encode()) ^ (seed & 0xFFFFFFFF) for s in stems], dtype=torch.int64
-    )
-
-
 def _progress(console: Console) -> Progress:
     return Progress(
         TextColumn("{task.description}"),
@@ -99,49 +89,6 @@ def _progress(console: Console) -> Progress:
         console=console,
         transient=False,
     )
-
-
-def craft(
-    attack: Attack,
-    source: LoadedModel,
-    data: ImageSet,
-    manifest: Manifest,
-    images_dir: Path,
-    batch_size: int,
-    device: torch.device,
-    seed: int,
-    console: Console,
-) -> dict[str, Any]:
-    """Attack every image not yet saved and verified, writing `<stem>.png` into images_dir.
-
-    Call inside `attack.source_context(source.model)`. Each PNG is renamed into place before its
-    manifest line is written, so a kill at any moment loses at most the batch in flight.
-    """
-    images_dir.mkdir(parents=True, exist_ok=True)
-    manifest.start()
-    done = manifest.verified(images_dir, data.stems)
-    todo = [i for i, stem in enumerate(data.stems) if stem not in done]
-    if done:
-        log.info("Resuming: %d of %d images already saved and verified", len(done), len(data))
-    seeds = image_seeds(data.stems, seed)
-    with _progress(console) as progress:
-        task = progress.add_task(
-            f"crafting {attack.label} on {source.spec.key}", total=len(data), completed=len(done)
-        )
-        for start in range(0, len(todo), batch_size):
-            idx = torch.tensor(todo[start : start + batch_size])
-            clean = data.images[idx].to(device)
-            adv = attack.perturb(
-                source.model, clean.float() / 255.0, data.labels[idx].to(device), seeds[idx]
-            )
-            for i, img in zip(
-                idx.tolist(), quantize(adv, clean, attack.eps_levels).cpu(), strict=True
-            ):
-                png = encode_png(img)
-                atomic_write(images_dir / f"{data.stems[i]}.png", png)
-                manifest.add(data.stems[i], png)
-            progress.advance(task, len(idx))
-    return {"attacked": len(todo), "resumed": len(done), **attack.stats()}
 
 
 def data_digest(data: ImageSet) -> str:
@@ -229,7 +176,7 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
 
     # Everything that can be wrong with the input is checked before anything is written.
     device = resolve_device(cfg.get("device"))
-    batch_size = _positive_int(cfg, "batch_size")
+    batch_size = resolve_batch_size(cfg.get("batch_size"), device)
     eval_batch_size = _positive_int(cfg, "eval_batch_size")
     seed = int(cfg.get("seed", 0))
     adv_dirs = cfg.get("adv_dir")
@@ -302,9 +249,18 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
                     out_dir / MANIFEST, _identity(cfg, data, attack, source_weights)
                 )
                 images_dir = out_dir / IMAGES_DIR
-                record["crafting"] = craft(
-                    attack, source, data, manifest, images_dir, batch_size, device, seed, console
-                )
+                with _progress(console) as progress:
+                    record["crafting"] = craft(
+                        attack,
+                        source,
+                        data,
+                        manifest,
+                        images_dir,
+                        batch_size,
+                        device,
+                        seed,
+                        progress,
+                    )
                 attacking.close()  # leaves the source context, which checks the fired counts
                 record["crafting"].update(attack.stats())
                 del source

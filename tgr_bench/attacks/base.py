@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -92,7 +92,7 @@ class Attack:
         yield
 
     def model_input(
-        self, x: torch.Tensor, delta: torch.Tensor, step: int, seeds: torch.Tensor
+        self, x: torch.Tensor, delta: torch.Tensor, step: int, seeds: Sequence[int]
     ) -> torch.Tensor:
         if self.patchout is None:
             return x + delta
@@ -113,7 +113,7 @@ class Attack:
         delta: torch.Tensor,
         y: torch.Tensor,
         step: int,
-        seeds: torch.Tensor,
+        seeds: Sequence[int],
     ) -> torch.Tensor:
         delta = delta.detach().requires_grad_(True)
         logits = model(self.model_input(x, delta, step, seeds))
@@ -132,10 +132,13 @@ class Attack:
 
     # ---- the loop ----------------------------------------------------------------------------
     def perturb(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, seeds: torch.Tensor
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, seeds: Sequence[int]
     ) -> torch.Tensor:
-        """Adversarial images for clean pixels `x` in [0,1] (B,3,H,W) and labels `y`; `seeds`
-        (CPU int64, one per image) drive every random draw of that image."""
+        """Adversarial images for clean pixels `x` in [0,1] (B,3,H,W) and labels `y`.
+
+        `seeds` (Python ints, one per image) drive every random draw of that image; being host
+        values, reading them never waits for the device.
+        """
         delta = torch.zeros_like(x)
         g = torch.zeros_like(x)
         for step in range(self.steps):

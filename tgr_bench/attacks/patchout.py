@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,12 +65,12 @@ class PatchOut:
         return gh, gw
 
     def masks(
-        self, shape: torch.Size, step: int, seeds: torch.Tensor, device: torch.device
+        self, shape: torch.Size, step: int, seeds: Sequence[int], device: torch.device
     ) -> torch.Tensor:
         """(B,1,H,W) masks keeping exactly n_patches patches of each image at this step.
 
-        `seeds` is a CPU tensor (reading it costs no device sync). Each image draws from its own
-        generator, so its mask never depends on the rest of its batch.
+        Each image draws from its own generator seeded by its seed (a host int: no device sync),
+        so its mask never depends on the rest of its batch.
         """
         b, _, h, w = shape
         gh, gw = self.grid(h, w)
@@ -78,7 +79,7 @@ class PatchOut:
             scores = torch.rand(gh * gw, generator=gen, device=device).expand(b, -1)
         else:
             rows = []
-            for s in seeds.tolist():
+            for s in seeds:
                 gen = torch.Generator(device).manual_seed((s * 1_000_003 + step) % (1 << 62))
                 rows.append(torch.rand(gh * gw, generator=gen, device=device))
             scores = torch.stack(rows)

@@ -3,6 +3,7 @@ of the gradient over a uniform neighbourhood (baselines.md)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -46,11 +47,11 @@ class VMI(Attack):
     def params(self) -> dict[str, Any]:
         return {**super().params(), "n_samples": self.n_samples, "beta": self.beta}
 
-    def neighbour_noise(self, x: torch.Tensor, step: int, seeds: torch.Tensor) -> torch.Tensor:
+    def neighbour_noise(self, x: torch.Tensor, step: int, seeds: Sequence[int]) -> torch.Tensor:
         """(B, N, C, H, W) uniform draws in [-beta*eps, beta*eps], one generator per image."""
         radius = self.beta * self.eps
         draws = []
-        for s in seeds.tolist():  # CPU seeds: no device sync
+        for s in seeds:
             gen = torch.Generator(x.device).manual_seed((int(s) * 7_919 + step + 1) % (1 << 62))
             draws.append(torch.rand((self.n_samples, *x.shape[1:]), generator=gen, device=x.device))
         return (torch.stack(draws) * 2 - 1) * radius
@@ -62,7 +63,7 @@ class VMI(Attack):
         delta: torch.Tensor,
         y: torch.Tensor,
         step: int,
-        seeds: torch.Tensor,
+        seeds: Sequence[int],
     ) -> torch.Tensor:
         noise = self.neighbour_noise(x, step, seeds)
         b, n = noise.shape[:2]
@@ -78,7 +79,7 @@ class VMI(Attack):
                         (delta.unsqueeze(1) + r).reshape(b * c, *x.shape[1:]),
                         y.repeat_interleave(c),
                         step,
-                        seeds.repeat_interleave(c),
+                        [s for s in seeds for _ in range(c)],
                     )
                     total += grad.view(b, c, *x.shape[1:]).sum(1)
                 return total / n
@@ -95,7 +96,7 @@ class VMI(Attack):
         delta: torch.Tensor,
         y: torch.Tensor,
         step: int,
-        seeds: torch.Tensor,
+        seeds: Sequence[int],
     ) -> torch.Tensor:
         if step == 0:
             self._variance = torch.zeros_like(x)
