@@ -18,7 +18,7 @@ log = logging.getLogger("tgr_bench")
 def run_id(*, _root_: DictConfig) -> str:
     """A short hash of what a run's images depend on: the default run directory, so re-running
     the same command resumes in the same place (and a different setting never does)."""
-    keys = ("source", "attack", "data", "seed", "adv_dir")
+    keys = ("source", "attack", "data", "seed", "adv_dir", "precision")
     content = {
         k: OmegaConf.to_container(_root_[k], resolve=True)
         if OmegaConf.is_config(_root_[k])

@@ -9,6 +9,8 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -172,7 +174,9 @@ def load_folder(
     stems = [stems[i] for i in shard_indices(len(stems), num_shards, shard)]
     if not stems:
         raise UserError(f"Shard {shard}/{num_shards} of {folder} holds no images.")
-    tensors = [read_image(images[s]) for s in stems]
+    # PIL decodes outside the GIL: threads cut the start-up of a 1000-image set several-fold.
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        tensors = list(pool.map(read_image, [images[s] for s in stems]))
     shapes = {tuple(t.shape) for t in tensors}
     if len(shapes) > 1:
         first = tuple(tensors[0].shape)

@@ -115,6 +115,7 @@ def evaluate_sets(
     seed: int,
     cache: CleanCache,
     progress: Progress,
+    precision: str = "fp32",
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], pd.DataFrame]:
     """Load each target once and predict every adversarial set while it is resident.
 
@@ -131,6 +132,9 @@ def evaluate_sets(
             continue
         task = progress.add_task(f"evaluating {spec.key}", total=(1 + len(adv_sets)) * len(data))
         target = build_model(spec, weights, device, seed)
+        # Convolutional targets run channels-last on the GPU; attention models keep NCHW input.
+        is_cnn = not any(hasattr(m, "fused_attn") for m in target.model.modules())
+        target.model.set_speed(precision, channels_last=device.type == "cuda" and is_cnn)
 
         def step(n: int, task: Any = task) -> None:
             progress.advance(task, n)
@@ -139,7 +143,11 @@ def evaluate_sets(
             target.provenance(),
             data_digest,
             device,
-            {"kwargs": spec.kwargs, "seed": seed if weights.kind == "random" else None},
+            {
+                "kwargs": spec.kwargs,
+                "precision": precision,
+                "seed": seed if weights.kind == "random" else None,
+            },
         )
         clean_pred = cache.get(key, len(data))
         if clean_pred is None:
@@ -165,7 +173,13 @@ def evaluate_sets(
                     }
                 )
             )
-        loaded.append({**target.provenance(), "clean_cache_key": key})
+        loaded.append(
+            {
+                **target.provenance(),
+                "clean_cache_key": key,
+                "channels_last": target.model.channels_last,
+            }
+        )
         del target
         gc.collect()
         if device.type == "cuda":

@@ -253,6 +253,8 @@ class PixelModel(nn.Module):
         self.net = net
         self.key = key
         self.input_size = int(input_size)
+        self.autocast: torch.dtype | None = None  # bf16 speed mode; None = the model's dtype
+        self.channels_last = False
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
@@ -261,7 +263,21 @@ class PixelModel(nn.Module):
             x = F.interpolate(
                 x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False
             )
-        return self.net((x - self.mean) / self.std)
+        x = (x - self.mean) / self.std
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.autocast is None:
+            return self.net(x)
+        with torch.autocast(x.device.type, dtype=self.autocast):
+            return self.net(x).float()
+
+    def set_speed(self, precision: str, channels_last: bool = False) -> PixelModel:
+        """Opt-in speed modes: bf16 autocast; channels-last memory for convolutional nets."""
+        self.autocast = torch.bfloat16 if precision == "bf16" else None
+        self.channels_last = channels_last
+        if channels_last:
+            self.net.to(memory_format=torch.channels_last)
+        return self
 
 
 @dataclass

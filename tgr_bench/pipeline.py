@@ -127,16 +127,23 @@ def _identity(cfg: DictConfig, data: ImageSet, attack: Attack, source: Weights) 
         "data": OmegaConf.to_container(cfg.data, resolve=True),
         "data_sha256": data_digest(data),
         "seed": int(cfg.get("seed", 0)),
+        "precision": cfg.get("precision", "fp32"),
     }
 
 
-def determinism(device: torch.device) -> dict[str, Any]:
-    """Flags for byte-identical reruns on one device; exact fp32 (no TF32) everywhere."""
-    flags: dict[str, Any] = {"tf32": False}
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+def determinism(device: torch.device, precision: str = "fp32") -> dict[str, Any]:
+    """Flags for byte-identical reruns on one device. The default is exact fp32 (no TF32): the
+    paper-faithful numbers; tf32 and bf16 are opt-in speed modes."""
+    if precision not in PRECISIONS:
+        raise UserError(f"precision={precision!r}: choose one of {list(PRECISIONS)}.")
+    flags: dict[str, Any] = {"precision": precision, "tf32": precision == "tf32"}
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    torch.backends.cudnn.allow_tf32 = precision == "tf32"
     if device.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -177,6 +184,9 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
     # Everything that can be wrong with the input is checked before anything is written.
     device = resolve_device(cfg.get("device"))
     batch_size = resolve_batch_size(cfg.get("batch_size"), device)
+    precision = cfg.get("precision", "fp32")
+    if precision not in PRECISIONS:
+        raise UserError(f"precision={precision!r}: choose one of {list(PRECISIONS)}.")
     eval_batch_size = _positive_int(cfg, "eval_batch_size")
     seed = int(cfg.get("seed", 0))
     adv_dirs = cfg.get("adv_dir")
@@ -217,7 +227,7 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
         "versions": provenance.versions(),
         "git_commit": provenance.git_commit(),
         "device": provenance.device_info(device),
-        "determinism": determinism(device),
+        "determinism": determinism(device, precision),
         "started": started,
         "n_images": len(data),
         "data": {"root": data.root, "layout": data.layout, "shard": data.shard, "sha256": digest},
@@ -227,6 +237,7 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
     with contextlib.ExitStack() as attacking:
         if crafting:
             source = build_model(source_spec, source_weights, device, seed)
+            source.model.set_speed(precision)
             if source_weights.kind == "random" and not source_spec.model.startswith("test_"):
                 log.warning("Source %s has random weights (pretrained=false)", source_spec.key)
             record["source"] = source.provenance()
@@ -292,6 +303,7 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
                     seed,
                     cache,
                     progress,
+                    precision,
                 )
             for row in rows:
                 row["white_box"] = row["target"] == row["source"]

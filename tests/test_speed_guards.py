@@ -1,0 +1,110 @@
+"""No host synchronization inside the attack loop or the hooks (a CPU-side guard), and the
+opt-in speed modes."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from tests.test_tgr import batch, tiny
+from tgr_bench.attacks import build_attack
+from tgr_bench.errors import UserError
+from tgr_bench.pipeline import run
+
+# Every Tensor method that copies a value to the host (on a GPU: waits for the device).
+SYNCING = ("item", "cpu", "numpy", "tolist", "__bool__", "__int__", "__float__", "__index__")
+
+
+@contextlib.contextmanager
+def forbid_host_sync() -> Iterator[list[str]]:
+    calls: list[str] = []
+    originals = {name: getattr(torch.Tensor, name) for name in SYNCING}
+
+    def guard(name):
+        original = originals[name]
+
+        def method(self, *args, **kwargs):
+            calls.append(name)
+            return original(self, *args, **kwargs)
+
+        return method
+
+    for name in SYNCING:
+        setattr(torch.Tensor, name, guard(name))
+    try:
+        yield calls
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+
+
+def test_the_guard_sees_syncs():
+    with forbid_host_sync() as calls:
+        torch.ones(2).sum().item()
+        bool(torch.ones(1) > 0)
+    assert calls == ["item", "__bool__"]
+
+
+@pytest.mark.parametrize(
+    "name,family",
+    [
+        ("mi", "vit"),
+        ("vmi", "vit"),
+        ("sgm", "pit"),
+        ("pna", "cait"),
+        ("tgr", "vit"),
+        ("tgr", "cait"),
+        ("tgr", "visformer"),
+        ("pna_patchout", "vit"),
+        ("tgr_patchout", "pit"),
+    ],
+)
+def test_attack_loop_and_hooks_never_sync(make_cfg, name, family):
+    extra = ["attack.n_samples=2"] if name == "vmi" else []
+    attack = build_attack(make_cfg(f"attack={name}", "attack.steps=2", *extra).attack)
+    if attack.patchout is not None:
+        attack.patchout = type(attack.patchout)(
+            n_patches=10, patch_size=16, l2=attack.patchout.l2, mask=attack.patchout.mask
+        )
+    model = tiny(family)
+    x, y = batch(2)
+    with attack.source_context(model):  # the one-off probe may read counts; the loop may not
+        with forbid_host_sync() as calls:
+            attack.perturb(model, x, y, [1, 2])
+    assert calls == [], f"{name} on {family} synced the host: {calls}"
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_speed_modes_run_and_are_recorded(make_cfg, tmp_path, precision):
+    record = run(
+        make_cfg(
+            "experiment=smoke", "data.n=2", "attack=tgr", "attack.steps=2", f"precision={precision}"
+        ),
+        output_dir=tmp_path,
+    )
+    assert record["determinism"]["precision"] == precision
+    assert len(list((tmp_path / "images").iterdir())) == 2
+    assert torch.backends.cuda.matmul.allow_tf32 == (precision == "tf32")
+    run(
+        make_cfg("experiment=smoke", "data.n=1", "attack.steps=1", "targets=none"),
+        output_dir=tmp_path / "fp32",
+    )
+    assert torch.backends.cuda.matmul.allow_tf32 is False  # the default is exact fp32 again
+
+
+def test_unknown_precision(make_cfg, tmp_path):
+    with pytest.raises(UserError, match="precision"):
+        run(make_cfg("experiment=smoke", "precision=fp16"), output_dir=tmp_path)
+
+
+def test_batch_size_auto(make_cfg, tmp_path):
+    record = run(
+        make_cfg(
+            "experiment=smoke", "data.n=3", "attack.steps=1", "targets=none", "batch_size=auto"
+        ),
+        output_dir=tmp_path,
+    )
+    assert record["crafting"]["batch_size"] == 16  # CPU: fixed start, halved only on GPU OOM
