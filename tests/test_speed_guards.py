@@ -71,9 +71,9 @@ def test_attack_loop_and_hooks_never_sync(make_cfg, name, family):
         )
     model = tiny(family)
     x, y = batch(2)
-    with attack.source_context(model):  # the one-off probe may read counts; the loop may not
-        with forbid_host_sync() as calls:
-            attack.perturb(model, x, y, [1, 2])
+    # The one-off probe (entering the context) may read counts; the loop may not.
+    with attack.source_context(model), forbid_host_sync() as calls:
+        attack.perturb(model, x, y, [1, 2])
     assert calls == [], f"{name} on {family} synced the host: {calls}"
 
 
