@@ -47,18 +47,19 @@ def extreme_indices(g: torch.Tensor, dim: int, k: int) -> torch.Tensor:
     return torch.cat([top, bottom], dim)
 
 
-def zero_extremes(g: torch.Tensor, dim: int, k: int) -> torch.Tensor:
-    """Zero the k largest and the k smallest (signed) entries of g along `dim`."""
-    return g.scatter(dim, extreme_indices(g, dim, k), 0.0)
+def zero_extremes_(g: torch.Tensor, dim: int, k: int) -> torch.Tensor:
+    """Zero, in place, the k largest and the k smallest (signed) entries of g along `dim`."""
+    return g.scatter_(dim, extreme_indices(g, dim, k), 0.0)
 
 
-def zero_rows_cols(g: torch.Tensor, k: int) -> torch.Tensor:
-    """(B, heads, N, M): per head, zero the rows and columns through its k max and k min."""
+def zero_rows_cols_(g: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, heads, N, M), in place: per head, zero the rows and columns through its k max and
+    k min entries."""
     b, h, n, m = g.shape
     idx = extreme_indices(g.reshape(b, h, n * m), -1, k)
     keep_rows = torch.ones(b, h, n, dtype=g.dtype, device=g.device).scatter_(-1, idx // m, 0.0)
     keep_cols = torch.ones(b, h, m, dtype=g.dtype, device=g.device).scatter_(-1, idx % m, 0.0)
-    return g * keep_rows.unsqueeze(-1) * keep_cols.unsqueeze(-2)
+    return g.mul_(keep_rows.unsqueeze(-1)).mul_(keep_cols.unsqueeze(-2))
 
 
 def positions(rule: str, shape: Sequence[int]) -> int:
@@ -77,17 +78,19 @@ def positions(rule: str, shape: Sequence[int]) -> int:
 
 
 def regularize(g: torch.Tensor, rule: str, gamma: float, k: int) -> torch.Tensor:
+    """R(G; gamma, k) of tgr.md section 2: scale, then zero the extremes of the scaled gradient
+    (as the released code), in place on the one new tensor."""
     g = g * gamma
     if rule == ROWCOL:
-        return zero_rows_cols(g, k)
+        return zero_rows_cols_(g, k)
     if rule == TOKENS:
-        return zero_extremes(g, 1, k)
+        return zero_extremes_(g, 1, k)
     if rule == SPATIAL:
-        return zero_extremes(g.flatten(2), 2, k).view_as(g)
+        return zero_extremes_(g.flatten(2), 2, k).view_as(g)
     if rule == HEADS_PER_KEY:
-        return zero_extremes(g, 1, k)
+        return zero_extremes_(g, 1, k)
     if rule == KEYS:
-        return zero_extremes(g, -1, k)
+        return zero_extremes_(g, -1, k)
     raise ValueError(rule)
 
 

@@ -1,0 +1,89 @@
+"""Timing helpers shared by scripts/bench.py and scripts/bench_attack.py (not used by runs)."""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from tgr_bench.attacks import Attack
+from tgr_bench.evaluate import predict
+from tgr_bench.models import ModelSpec, PixelModel, Weights, build_model
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: torch.device, reps: int, warmup: int) -> list[float]:
+    """Seconds of `reps` calls of fn after `warmup` untimed ones, the device drained each time."""
+    times = []
+    for i in range(warmup + reps):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def summary(times: list[float]) -> dict[str, float]:
+    return {
+        "median": statistics.median(times),
+        "min": min(times),
+        "max": max(times),
+        "reps": len(times),
+    }
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory since the last reset; on CPU the process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def time_attack(
+    attack: Attack, model: PixelModel, x: torch.Tensor, y: torch.Tensor, reps: int, warmup: int
+) -> list[float]:
+    """Seconds per full attack (all its steps) on one batch; the TGR probe is not timed."""
+    seeds = list(range(len(x)))
+    with attack.source_context(model):
+        return timed(lambda: attack.perturb(model, x, y, seeds), x.device, reps, warmup)
+
+
+def time_predict(
+    model: PixelModel,
+    images: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    reps: int,
+    warmup: int,
+) -> list[float]:
+    return timed(lambda: predict(model, images, batch_size, device), device, reps, warmup)
+
+
+def random_model(
+    name: str, conf_dir: Any, device: torch.device, precision: str = "fp32"
+) -> tuple[ModelSpec, PixelModel]:
+    """A model key of conf/source (its architecture, kwargs and input size) or a timm name,
+    with random weights: timing does not depend on them."""
+    path = conf_dir / "source" / f"{name}.yaml"
+    if path.is_file():
+        cfg = OmegaConf.to_container(OmegaConf.load(path))
+        spec = ModelSpec.from_cfg({**cfg, "pretrained": False, "requires_checkpoint": False})
+    else:
+        spec = ModelSpec(key=name, model=name, pretrained=False)
+    return spec, build_model(spec, Weights("random"), device).model.set_speed(precision)
