@@ -63,10 +63,14 @@ class Attack:
     @classmethod
     def from_cfg(cls, cfg: dict[str, Any]) -> Attack:
         params = {k: v for k, v in cfg.items() if k != "name"}
-        valid = set(inspect.signature(cls.__init__).parameters) - {"self"}
-        for base in cls.__mro__[1:]:
-            if base is not object and "__init__" in vars(base):
-                valid |= set(inspect.signature(base.__init__).parameters) - {"self", "kwargs"}
+        valid = set()
+        for base in cls.__mro__:  # each class names its own settings, passing the rest up
+            if "__init__" in vars(base) and issubclass(base, Attack):
+                valid |= {
+                    p.name
+                    for p in inspect.signature(base.__init__).parameters.values()
+                    if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+                }
         unknown = set(params) - valid
         if unknown:
             raise UserError(

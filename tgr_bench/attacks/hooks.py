@@ -34,15 +34,8 @@ def set_fused_attn(model: nn.Module, enabled: bool) -> list[tuple[nn.Module, boo
 
 
 class GradientHookAttack(Attack):
-    def __init__(
-        self,
-        eps: float = 16.0,
-        steps: int = 10,
-        alpha: float | None = None,
-        decay: float = 1.0,
-        patchout: dict[str, Any] | None = None,
-    ) -> None:
-        super().__init__(eps, steps, alpha, decay, patchout)
+    def __init__(self, **loop: Any) -> None:  # the MI-FGSM settings of Attack
+        super().__init__(**loop)
         self.fired: Counter[str] = Counter()
         self.family: str | None = None
         self._sites: list[BoundSite] = []

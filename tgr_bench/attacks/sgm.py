@@ -28,14 +28,11 @@ class SGM(GradientHookAttack):
 
     def __init__(
         self,
-        eps: float = 16.0,
-        steps: int = 10,
-        alpha: float | None = None,
-        decay: float = 1.0,
-        patchout: dict[str, Any] | None = None,
+        *,
         gamma: float = 0.5,
+        **loop: Any,  # the MI-FGSM settings of Attack
     ) -> None:
-        super().__init__(eps, steps, alpha, decay, patchout)
+        super().__init__(**loop)
         if isinstance(gamma, bool) or not isinstance(gamma, int | float) or not 0 <= gamma <= 1:
             raise UserError(f"attack.gamma={gamma!r} is outside [0, 1].")
         self.gamma = float(gamma)

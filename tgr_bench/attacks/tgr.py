@@ -103,17 +103,14 @@ class TGR(GradientHookAttack):
 
     def __init__(
         self,
-        eps: float = 16.0,
-        steps: int = 10,
-        alpha: float | None = None,
-        decay: float = 1.0,
-        patchout: dict[str, Any] | None = None,
+        *,
         k: int = 1,
         gamma: dict[str, float] | None = None,
         components: Sequence[str] = COMPONENTS,
         variant: str = "official",
+        **loop: Any,  # the MI-FGSM settings of Attack
     ) -> None:
-        super().__init__(eps, steps, alpha, decay, patchout)
+        super().__init__(**loop)
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise UserError(f"attack.k={k!r}: the number of extreme positions must be an int >= 1.")
         components = list(components)

@@ -22,16 +22,13 @@ class VMI(Attack):
 
     def __init__(
         self,
-        eps: float = 16.0,
-        steps: int = 10,
-        alpha: float | None = None,
-        decay: float = 1.0,
-        patchout: dict[str, Any] | None = None,
+        *,
         n_samples: int = 20,
         beta: float = 1.5,
         chunk: int | None = None,
+        **loop: Any,  # the MI-FGSM settings of Attack
     ) -> None:
-        super().__init__(eps, steps, alpha, decay, patchout)
+        super().__init__(**loop)
         if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
             raise UserError(f"attack.n_samples={n_samples!r}: need an int >= 1.")
         if not isinstance(beta, int | float) or beta < 0:
