@@ -218,3 +218,43 @@ def test_smoke_multirun_over_k_gives_one_row_per_k(tmp_path: Path):
     assert table.attack.tolist() == ["tgr k=1", "tgr k=2"]
     assert (table.test_vit == "100.0*").all()
     assert (tmp_path / "rep" / "sweep_k.png").is_file()
+
+
+def test_an_evaluation_of_many_folders_reports_each_folder(make_cfg, tmp_path: Path):
+    from tgr_bench.pipeline import run
+
+    common = ("experiment=smoke", "data.n=2", "attack.steps=1", "data.labels=random")
+    for attack in ("mi", "pna"):
+        run(make_cfg(*common, f"attack={attack}", "targets=none"), output_dir=tmp_path / attack)
+    evaluation = tmp_path / "eval"
+    r = subprocess.run(
+        cli(
+            *common,
+            f"adv_dir=[{tmp_path / 'mi' / 'images'},{tmp_path / 'pna' / 'images'}]",
+            f"hydra.run.dir={evaluation}",
+        ),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    table = paper_table(collect([evaluation]))
+    assert table.attack.tolist() == ["mi", "pna"] and set(table.source) == {"test_vit"}
+
+
+def test_bench_json_is_tabulated(tmp_path: Path):
+    bench = {
+        "device": "cpu (x86_64, 2 threads)",
+        "source": "vit_base",
+        "batch_size": 8,
+        "precision": "fp32",
+        "tgr_over_mi": 1.066,
+        "crafting": {"mi": {"images_per_s": 1.18}, "tgr": {"images_per_s": 1.1}},
+        "evaluation": {"inc_v3": {"images_per_s": 11.7}},
+    }
+    (tmp_path / "b.json").write_text(json.dumps(bench))
+    report(["--bench", str(tmp_path / "b.json"), "--out", str(tmp_path)])
+    assert (
+        "| cpu (x86_64, 2 threads) | vit_base | 8 | fp32 | mi 1.18, tgr 1.10 | 1.066 | "
+        "inc_v3 11.7 |"
+    ) in (tmp_path / "bench.md").read_text()

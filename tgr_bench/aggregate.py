@@ -124,10 +124,20 @@ def cells(runs: list[Run]) -> pd.DataFrame:
             rows += [{**base, "target": t, "status": status} for t in targets or ["-"]]
             continue
         merged = pd.concat([r.results for r in ok])
-        for target, part in merged.groupby("target", sort=False):
+        # An evaluation of existing folders (adv_dir) holds one set of rows per folder, each
+        # with the source and attack it recorded; a crafting run's rows are all its own.
+        external = bool(first.config.get("adv_dir"))
+        keys = ["source", "attack", "params", "target"] if external else ["target"]
+        for key, part in merged.groupby(keys, sort=False):
             status = "ok" if (part.status == "ok").all() else str(part.status.iloc[0])
             counts = {c: int(part[c].fillna(0).sum()) for c in COUNTS}
-            rows.append({**base, "target": target, "status": status, **counts, **_metrics(counts)})
+            row = {**base, "status": status, **counts, **_metrics(counts)}
+            if external:
+                source, attack, params, target = key
+                row.update(source=source, attack=attack, params=json.dumps({"set": params}))
+            else:
+                target = key[0] if isinstance(key, tuple) else key
+            rows.append({**row, "target": target})
     frame = pd.DataFrame(rows)
     frame["white_box"] = frame.target == frame.source
     frame["group"] = frame.target.map(lambda t: target_groups().get(t, "other"))
