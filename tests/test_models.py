@@ -71,7 +71,12 @@ def test_hub_cache_layout_is_used_offline(tmp_path: Path, monkeypatch: pytest.Mo
 
 
 def test_offline_without_cache_says_how_to_fix_within_seconds(tmp_path: Path):
-    env = {**os.environ, "HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "0"}
+    env = {
+        **os.environ,
+        "HF_HOME": str(tmp_path),
+        "HF_HUB_OFFLINE": "0",
+        "HF_ENDPOINT": "http://127.0.0.1:9",
+    }  # unreachable even where network exists
     env.pop("HF_HUB_CACHE", None)
     code = (
         "from tgr_bench.models import ModelSpec, resolve_weights\n"
