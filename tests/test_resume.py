@@ -231,3 +231,17 @@ def test_run_json_records_determinism_settings(make_cfg, tmp_path: Path):
     )
     assert record["determinism"]["tf32"] is False
     assert torch.backends.cuda.matmul.allow_tf32 is False
+
+
+def test_full_disk_while_recording_in_the_manifest(tmp_path: Path, monkeypatch):
+    from tgr_bench import resume
+
+    manifest = resume.Manifest(tmp_path / MANIFEST, {"x": 1})
+    manifest.start()
+
+    def fsync(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(resume.os, "fsync", fsync)
+    with pytest.raises(UserError, match="No space left on device.*re-run the same command"):
+        manifest.add("a", b"png bytes")

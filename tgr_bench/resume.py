@@ -113,10 +113,16 @@ class Manifest:
         return done
 
     def _append(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record, sort_keys=True, default=str) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record, sort_keys=True, default=str) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:  # a line cut short is ignored on resume: that image is redone
+            raise UserError(
+                f"Cannot write {self.path}: {e}. Free disk space and re-run the same command: "
+                f"it resumes where it stopped."
+            ) from e
 
     def start(self) -> None:
         if not self.path.exists() or self.path.stat().st_size == 0:
