@@ -16,6 +16,7 @@ from PIL import Image
 
 from tests.conftest import cli, write_images
 from tgr_bench import atomic
+from tgr_bench.data import read_image
 from tgr_bench.errors import UserError
 from tgr_bench.pipeline import run
 from tgr_bench.resume import MANIFEST, run_lock
@@ -48,7 +49,8 @@ def test_sigkill_mid_crafting_then_resume_equals_an_uninterrupted_run(tmp_path: 
     done_before = manifest_entries(killed)
     assert 3 <= done_before < 10, "the kill must land mid-crafting"
     assert not (killed / "results.csv").exists() and not (killed / "run.json").exists()
-    assert not [p for p in (killed / "images").iterdir() if not p.name.endswith(".png")]
+    for png in (killed / "images").glob("*.png"):  # atomic renames: no PNG is partial
+        read_image(png)
 
     r = subprocess.run(
         cli(*SMOKE, f"hydra.run.dir={killed}"), cwd=tmp_path, capture_output=True, text=True
@@ -62,7 +64,7 @@ def test_sigkill_mid_crafting_then_resume_equals_an_uninterrupted_run(tmp_path: 
         cli(*SMOKE, f"hydra.run.dir={clean}"), cwd=tmp_path, capture_output=True, text=True
     )
     assert r.returncode == 0, r.stderr
-    assert files(killed) == files(clean)
+    assert files(killed) == files(clean)  # leftover temporary files included: none
     assert (killed / "results.csv").read_bytes() == (clean / "results.csv").read_bytes()
     assert (killed / "predictions.csv").read_bytes() == (clean / "predictions.csv").read_bytes()
 
@@ -74,6 +76,7 @@ def test_unverified_images_are_crafted_again(make_cfg, tmp_path: Path):
     images = tmp_path / "a" / "images"
     (images / "synthetic_0001.png").write_bytes(first["synthetic_0001.png"][:50])  # truncated
     (images / "synthetic_0002.png").unlink()
+    (images / ".synthetic_0002.png.x1y2.tmp").write_bytes(b"half a png")  # a killed write
     record = run(cfg, output_dir=tmp_path / "a")
     assert (record["crafting"]["resumed"], record["crafting"]["attacked"]) == (2, 2)
     assert files(tmp_path / "a") == first

@@ -96,6 +96,8 @@ def craft(
     in flight.
     """
     images_dir.mkdir(parents=True, exist_ok=True)
+    for stale in images_dir.glob(".*.tmp"):  # a killed run's unfinished writes (we hold the lock)
+        stale.unlink()
     manifest.start()
     done = manifest.verified(images_dir, data.stems)
     todo = [i for i, stem in enumerate(data.stems) if stem not in done]
