@@ -10,23 +10,22 @@ from omegaconf import DictConfig, OmegaConf
 
 from tgr_bench.errors import UserError
 from tgr_bench.pipeline import run
-from tgr_bench.resume import identity_hash
+from tgr_bench.plan import identity_of
+from tgr_bench.record import digest
 
 log = logging.getLogger("tgr_bench")
 
 
 def run_id(*, _root_: DictConfig) -> str:
-    """A short hash of what a run's images depend on: the default run directory, so re-running
-    the same command resumes in the same place (and a different setting never does)."""
-    keys = ("source", "attack", "data", "seed", "adv_dir", "precision")
-    content = {
-        k: OmegaConf.to_container(_root_[k], resolve=True)
-        if OmegaConf.is_config(_root_[k])
-        else _root_[k]
-        for k in keys
-        if k in _root_
-    }
-    return identity_hash(content)[:12]
+    """The run's identity as a short id: the default run directory, so re-running the same
+    command resumes in the same place (and a different setting never does). A config that is
+    not valid gets a directory of its own; the run then stops with the reason."""
+    try:
+        return identity_of(_root_).run_id
+    except Exception:
+        raw = OmegaConf.to_container(_root_, resolve=False)
+        raw.pop("hydra", None)
+        return "invalid-" + digest(raw)[:12]
 
 
 OmegaConf.register_new_resolver("tgr_run_id", run_id, replace=True)

@@ -7,7 +7,6 @@ import threading
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import torch
 from rich.progress import Progress
@@ -18,11 +17,10 @@ from tgr_bench.data import ImageSet
 from tgr_bench.errors import UserError
 from tgr_bench.images import encode_png, quantize
 from tgr_bench.models import LoadedModel
+from tgr_bench.record import CraftStats
 from tgr_bench.resume import Manifest
 
 log = logging.getLogger(__name__)
-
-AUTO_BATCH = {"cuda": 128, "cpu": 16}  # first try of batch_size=auto; halved on out-of-memory
 
 
 def image_seeds(stems: list[str], seed: int) -> list[int]:
@@ -69,15 +67,8 @@ class PngWriter:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def resolve_batch_size(value: Any, device: torch.device) -> int:
-    if value == "auto":
-        return AUTO_BATCH.get(device.type, 16)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UserError(f"batch_size={value!r}: need a whole number >= 1 or auto.")
-    return value
-
-
 def craft(
+    *,
     attack: Attack,
     source: LoadedModel,
     data: ImageSet,
@@ -87,7 +78,7 @@ def craft(
     device: torch.device,
     seed: int,
     progress: Progress,
-) -> dict[str, Any]:
+) -> CraftStats:
     """Attack every image not yet saved and verified, writing `<stem>.png` into images_dir.
 
     Call inside `attack.source_context(source.model)`. A batch that runs out of GPU memory is
@@ -138,4 +129,4 @@ def craft(
             start += len(idx)
     finally:
         writer.close()
-    return {"attacked": len(todo), "resumed": len(done), "batch_size": batch_size}
+    return CraftStats(attacked=len(todo), resumed=len(done), batch_size=batch_size)

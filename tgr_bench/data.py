@@ -7,11 +7,12 @@ attack work, with the file named.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,78 @@ CSV_LABELS = "labels.csv"
 NUM_CLASSES = 1000
 
 
+DATA_KINDS = ("folder", "synthetic")
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Which images a run attacks: the validated `data` config group."""
+
+    kind: str = "folder"
+    root: str | None = None
+    limit: int | None = None
+    num_shards: int = 1
+    shard: int = 0
+    allow_unlabeled: bool = False  # skip (and count) images that have no label instead of failing
+    n: int = 8  # synthetic
+    size: int = 224
+    seed: int = 0
+    labels: str = "random"  # synthetic: random | source (the source's clean prediction)
+
+    @classmethod
+    def from_cfg(cls, cfg: Any) -> DataSpec:
+        d = dict(cfg or {})
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise UserError(
+                f"data has no keys {sorted(unknown)}; valid keys: "
+                f"{', '.join(cls.__dataclass_fields__)}."
+            )
+        spec = cls(**d)
+        if spec.kind not in DATA_KINDS:
+            raise UserError(f"Unknown data.kind {spec.kind!r}; use one of {list(DATA_KINDS)}.")
+        for name in ("num_shards", "n", "size"):
+            value = getattr(spec, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UserError(f"data.{name}={value!r}: need an int >= 1.")
+        if spec.limit is not None and (
+            isinstance(spec.limit, bool) or not isinstance(spec.limit, int) or spec.limit < 1
+        ):
+            raise UserError(f"data.limit must be a positive number of images, got {spec.limit}.")
+        if isinstance(spec.shard, bool) or not isinstance(spec.shard, int):
+            raise UserError(f"data.shard={spec.shard!r}: need an int in 0..{spec.num_shards - 1}.")
+        if not 0 <= spec.shard < spec.num_shards:
+            raise UserError(f"data.shard={spec.shard!r}: need an int in 0..{spec.num_shards - 1}.")
+        if spec.labels not in ("random", "source"):
+            raise UserError(f"data.labels={spec.labels!r}: choose random or source.")
+        if spec.kind == "folder" and not spec.root:
+            raise UserError(
+                "data.root is not set. Pass data.root=<folder of clean images> (with labels.csv "
+                "or image_name_to_class_id_and_name.json), or try the offline smoke run: "
+                "tgr-bench experiment=smoke."
+            )
+        return spec
+
+    def identity(self) -> dict[str, Any]:
+        """The selection, without the shard (a run's identity carries the shard separately, so
+        that shards of one selection merge)."""
+        if self.kind == "folder":
+            root = str(Path(str(self.root)).expanduser().resolve())
+            return {"kind": "folder", "root": root, "limit": self.limit}
+        return {
+            "kind": "synthetic",
+            "n": self.n,
+            "size": self.size,
+            "seed": self.seed,
+            "labels": self.labels,
+            "limit": self.limit,
+        }
+
+    @property
+    def shard_of(self) -> tuple[int, int] | None:
+        return (self.shard, self.num_shards) if self.num_shards > 1 else None
+
+
 @dataclass
 class ImageSet:
     stems: list[str]
@@ -36,9 +109,24 @@ class ImageSet:
     root: str | None
     layout: str
     shard: str | None = None  # "i/N" when this is one shard of a larger set
+    unlabeled_skipped: int = 0
+    _digest: str | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.stems)
+
+    @property
+    def digest(self) -> str:
+        """sha256 of the pixels, labels and names: what the images of a run are crafted from."""
+        if self._digest is None:
+            h = hashlib.sha256(self.images.numpy().tobytes())
+            h.update(self.labels.numpy().tobytes())
+            h.update("\n".join(self.stems).encode())
+            self._digest = h.hexdigest()
+        return self._digest
+
+    def with_labels(self, labels: torch.Tensor) -> ImageSet:
+        return replace(self, labels=labels, _digest=None)
 
 
 def read_image(path: Path) -> torch.Tensor:
@@ -137,7 +225,11 @@ def shard_indices(n: int, num_shards: int, shard: int) -> list[int]:
 
 
 def load_folder(
-    root: str | Path, limit: int | None = None, num_shards: int = 1, shard: int = 0
+    root: str | Path,
+    limit: int | None = None,
+    num_shards: int = 1,
+    shard: int = 0,
+    allow_unlabeled: bool = False,
 ) -> ImageSet:
     root = Path(root).expanduser()
     layout, folder, label_file = detect_layout(root)
@@ -145,6 +237,15 @@ def load_folder(
     images = _images_by_stem(folder)
     if not images:
         raise UserError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}.")
+    unlabeled = sorted(set(images) - set(labels))
+    if unlabeled and not allow_unlabeled:
+        raise UserError(
+            f"{len(unlabeled)} images in {folder} have no label in {label_file}, e.g. "
+            f"{unlabeled[:5]}. Add them to the label file, remove them from the folder, or pass "
+            f"data.allow_unlabeled=true to skip them (the count is reported)."
+        )
+    if unlabeled:
+        log.warning("%d images without a label in %s are skipped", len(unlabeled), label_file)
     if layout == "csv":
         missing = sorted(set(labels) - set(images))
         if missing:
@@ -154,12 +255,6 @@ def load_folder(
             )
         stems = sorted(labels)
     else:
-        unlabeled = sorted(set(images) - set(labels))
-        if unlabeled:
-            raise UserError(
-                f"{len(unlabeled)} images in {folder} have no entry in {label_file}, e.g. "
-                f"{unlabeled[:3]}."
-            )
         extra = sorted(set(labels) - set(images))
         if extra:  # the authors' json lists the whole set; a subset folder is legitimate
             log.warning(
@@ -168,7 +263,7 @@ def load_folder(
                 folder,
                 extra[:3],
             )
-        stems = sorted(images)
+        stems = sorted(set(images) & set(labels))
     if limit is not None:
         stems = stems[: int(limit)]
     stems = [stems[i] for i in shard_indices(len(stems), num_shards, shard)]
@@ -192,6 +287,7 @@ def load_folder(
         root=str(root.resolve()),
         layout=layout,
         shard=f"{shard}/{num_shards}" if num_shards > 1 else None,
+        unlabeled_skipped=len(unlabeled),
     )
 
 
@@ -205,41 +301,22 @@ def synthetic(n: int, size: int = 224, seed: int = 0) -> ImageSet:
     return ImageSet([f"synthetic_{i:04d}" for i in range(n)], labels, images, None, "synthetic")
 
 
-def load_dataset(cfg: Any) -> ImageSet:
-    kind = cfg.get("kind", "folder")
-    limit = cfg.get("limit")
-    if limit is not None and int(limit) < 1:
-        raise UserError(f"data.limit must be a positive number of images, got {limit}.")
-    num_shards, shard = cfg.get("num_shards", 1), cfg.get("shard", 0)
-    if not isinstance(num_shards, int) or num_shards < 1:
-        raise UserError(f"data.num_shards={num_shards!r}: need an int >= 1.")
-    if not isinstance(shard, int) or not 0 <= shard < num_shards:
-        raise UserError(f"data.shard={shard!r}: need an int in 0..{num_shards - 1}.")
-    if kind == "synthetic":
-        n = int(cfg.get("n", 8))
-        if limit is not None:
-            n = min(n, int(limit))
-        full = synthetic(n, int(cfg.get("size", 224)), int(cfg.get("seed", 0)))
-        if num_shards == 1:
+def load_dataset(spec: DataSpec) -> ImageSet:
+    if spec.kind == "synthetic":
+        n = min(spec.n, spec.limit) if spec.limit is not None else spec.n
+        full = synthetic(n, spec.size, spec.seed)
+        if spec.num_shards == 1:
             return full
-        idx = shard_indices(len(full), num_shards, shard)
+        idx = shard_indices(len(full), spec.num_shards, spec.shard)
         return ImageSet(
             [full.stems[i] for i in idx],
             full.labels[idx],
             full.images[idx],
             None,
             "synthetic",
-            f"{shard}/{num_shards}",
+            f"{spec.shard}/{spec.num_shards}",
         )
-    if kind == "folder":
-        if not cfg.get("root"):
-            raise UserError(
-                "data.root is not set. Pass data.root=<folder of clean images> (with labels.csv "
-                "or image_name_to_class_id_and_name.json), or try the offline smoke run: "
-                "tgr-bench experiment=smoke."
-            )
-        return load_folder(cfg.root, limit, num_shards, shard)
-    raise UserError(f"Unknown data.kind {kind!r}; use 'folder' or 'synthetic'.")
+    return load_folder(spec.root, spec.limit, spec.num_shards, spec.shard, spec.allow_unlabeled)
 
 
 def load_adversarial(folder: str | Path, clean: ImageSet) -> torch.Tensor:

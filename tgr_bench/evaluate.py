@@ -6,9 +6,7 @@ import gc
 import hashlib
 import io
 import json
-import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +15,12 @@ import torch
 from rich.progress import Progress
 from torch import nn
 
+from tgr_bench import metrics
+from tgr_bench.advsets import AdvSet
 from tgr_bench.atomic import atomic_write
 from tgr_bench.data import ImageSet
 from tgr_bench.models import ModelSpec, Weights, build_model
+from tgr_bench.record import format_params
 
 
 def predict(
@@ -38,34 +39,6 @@ def predict(
             if on_batch is not None:
                 on_batch(len(chunk))
     return torch.cat(preds).cpu() if preds else torch.empty(0, dtype=torch.int64)
-
-
-def metrics(labels: torch.Tensor, clean_pred: torch.Tensor, adv_pred: torch.Tensor) -> dict:
-    """Percentages as in protocol.md: success over all images (clean mistakes count as
-    successes, as in the paper), clean accuracy, and success over the clean-correct images."""
-    n = len(labels)
-    correct = clean_pred == labels
-    fooled = adv_pred != labels
-    n_correct = int(correct.sum())
-    return {
-        "n": n,
-        "asr": 100.0 * float(fooled.float().mean()) if n else math.nan,
-        "clean_acc": 100.0 * n_correct / n if n else math.nan,
-        "asr_on_correct": 100.0 * float(fooled[correct].float().mean()) if n_correct else math.nan,
-        "n_fooled": int(fooled.sum()),
-        "n_clean_correct": n_correct,
-        "n_fooled_on_correct": int((fooled & correct).sum()),
-    }
-
-
-@dataclass
-class AdvSet:
-    """One set of adversarial images to evaluate, and what produced it."""
-
-    source: str
-    attack: str
-    params: str
-    images: torch.Tensor  # (N,3,H,W) uint8, aligned with the clean set
 
 
 class CleanCache:
@@ -106,9 +79,9 @@ class CleanCache:
 
 
 def evaluate_sets(
+    *,
     targets: list[tuple[ModelSpec, Weights | None]],
     data: ImageSet,
-    data_digest: str,
     adv_sets: list[AdvSet],
     batch_size: int,
     device: torch.device,
@@ -119,15 +92,22 @@ def evaluate_sets(
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], pd.DataFrame]:
     """Load each target once and predict every adversarial set while it is resident.
 
-    Returns metric rows (one per set and target), target provenance, and per-image predictions
-    (what shards merge and table cells trace back to).
+    Returns metric rows (one per set and target, the columns of record.RESULT_COLUMNS), target
+    provenance, and per-image predictions (what table cells trace back to).
     """
     rows, loaded, per_image = [], [], []
     for spec, weights in targets:
-        base = {"target": spec.key, "target_model": spec.model}
+        base = {
+            "target": spec.key,
+            "target_model": spec.model,
+            "target_weights": weights.kind if weights else None,
+            "target_sha256": weights.sha256 if weights else None,
+        }
         if weights is None:
             rows += [
-                {**base, **_origin(s), "n": 0, "status": "missing checkpoint"} for s in adv_sets
+                {**base, **_origin(s), "white_box": spec.key == s.info.source, "n": 0,
+                 "status": "missing checkpoint"}
+                for s in adv_sets
             ]
             continue
         task = progress.add_task(f"evaluating {spec.key}", total=(1 + len(adv_sets)) * len(data))
@@ -141,7 +121,7 @@ def evaluate_sets(
 
         key = CleanCache.key(
             target.provenance(),
-            data_digest,
+            data.digest,
             device,
             {
                 "kwargs": spec.kwargs,
@@ -157,14 +137,18 @@ def evaluate_sets(
             step(len(data))
         for s in adv_sets:
             adv_pred = predict(target.model, s.images, batch_size, device, step)
+            c = metrics.counts(data.labels, clean_pred, adv_pred)
+            white_box = spec.key == s.info.source
             rows.append(
-                {**base, **_origin(s), "status": "ok", **metrics(data.labels, clean_pred, adv_pred)}
+                {**base, **_origin(s), "white_box": white_box, "status": "ok", **c}
+                | metrics.rates(c)
             )
             per_image.append(
                 pd.DataFrame(
                     {
-                        "source": s.source,
-                        "attack": s.attack,
+                        "run_id": s.info.run_id,
+                        "source": s.info.source,
+                        "attack": s.info.attack,
                         "stem": data.stems,
                         "label": data.labels.tolist(),
                         "target": spec.key,
@@ -184,9 +168,14 @@ def evaluate_sets(
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    columns = ["source", "attack", "stem", "label", "target", "clean_pred", "adv_pred"]
+    columns = ["run_id", "source", "attack", "stem", "label", "target", "clean_pred", "adv_pred"]
     return rows, loaded, pd.concat(per_image) if per_image else pd.DataFrame(columns=columns)
 
 
 def _origin(s: AdvSet) -> dict[str, Any]:
-    return {"source": s.source, "attack": s.attack, "params": s.params}
+    return {
+        "run_id": s.info.run_id,
+        "source": s.info.source,
+        "attack": s.info.attack,
+        "params": format_params(s.info.params),
+    }

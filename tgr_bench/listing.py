@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-from importlib.resources import files
-
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
 
 from tgr_bench.attacks import build_attack
-
-
-def _choices(group: str) -> list[str]:
-    return sorted(
-        p.name[:-5]
-        for p in files("tgr_bench.conf").joinpath(group).iterdir()
-        if p.name.endswith(".yaml")
-    )
+from tgr_bench.catalogue import CONFIG_MODULE, choices
 
 
 def main() -> None:
@@ -28,15 +19,15 @@ def main() -> None:
     sources = Table(title="models (source=<key>, targets=vits|cnns|defended|paper|smoke|none)")
     for col in ("key", "timm model and weights", "weights"):
         sources.add_column(col)
-    with initialize_config_module("tgr_bench.conf", version_base="1.3"):
-        for choice in _choices("attack"):
+    with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
+        for choice in choices("attack"):
             cfg = compose("config", overrides=[f"attack={choice}"]).attack
             attack = build_attack(cfg)
             params = attack.params()
             attacks.add_row(
                 choice, attack.reference, " ".join(f"{k}={v}" for k, v in params.items())
             )
-        for key in _choices("source"):
+        for key in choices("source"):
             src = OmegaConf.to_container(compose("config", overrides=[f"source={key}"]).source)
             kind = (
                 "checkpoint= required"

@@ -69,6 +69,21 @@ class ModelSpec:
             d["checkpoint"] = str(d["checkpoint"])
         return cls(**d)
 
+    def identity(self) -> dict[str, Any]:
+        """What this model computes: part of a run's identity (the weight file's hash is checked
+        separately, when the run resumes)."""
+        checkpoint = str(Path(self.checkpoint).expanduser().resolve()) if self.checkpoint else None
+        return {
+            "key": self.key,
+            "model": self.model,
+            "pretrained": self.pretrained,
+            "checkpoint": checkpoint,
+            "kwargs": self.kwargs,
+            "mean": list(self.mean) if self.mean else None,
+            "std": list(self.std) if self.std else None,
+            "input_size": self.input_size,
+        }
+
 
 @dataclass(frozen=True)
 class Weights:
@@ -192,49 +207,68 @@ def _snapshot_of(path: str) -> str | None:
 
 
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """A state dict from .safetensors or a torch file, unwrapping common training wrappers."""
+    """A state dict from .safetensors or a torch file, through timm's own reader (which unwraps
+    `state_dict` / `model` / EMA entries and `module.` prefixes). Pickled files are read with
+    `weights_only=True`, passed explicitly: older timm defaults to False, which would run code
+    from the file."""
     try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            obj: Any = load_file(path, device="cpu")
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+        state = timm.models.load_state_dict(path, weights_only=True)
+    except (AttributeError, KeyError, TypeError) as e:  # readable, but not a mapping of tensors
+        raise UserError(
+            f"Checkpoint {path} is not a state dict ({type(e).__name__}: {str(e)[:200]}); save "
+            f"one with torch.save(model.state_dict(), path)."
+        ) from e
     except Exception as e:
         raise UserError(
-            f"Cannot read checkpoint {path}: {e}. Expected a state dict saved with "
-            f"torch.save(model.state_dict(), ...) or safetensors.torch.save_file."
+            f"Cannot read checkpoint {path}: {type(e).__name__}: {str(e)[:300]}. Expected a state "
+            f"dict saved with torch.save(model.state_dict(), ...) or safetensors.torch.save_file."
         ) from e
-    if isinstance(obj, dict):
-        for key in ("state_dict_ema", "state_dict", "model"):
-            if key in obj and isinstance(obj[key], dict):
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(
             f"Checkpoint {path} is not a state dict (a mapping of parameter names to tensors); "
             f"save one with torch.save(model.state_dict(), path)."
         )
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+    return state
 
 
 def _load_into(net: nn.Module, spec: ModelSpec, path: str) -> None:
+    """A user's checkpoint, strictly: every key of the architecture and nothing else."""
     state = read_state_dict(path)
-    missing, unexpected = [], []
     try:
         result = net.load_state_dict(state, strict=False)
-        missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
     except RuntimeError as e:  # shape mismatches
         raise UserError(
             f"Checkpoint {path} does not fit {spec.model!r} for {spec.key!r}: "
             f"{str(e).splitlines()[-1].strip()[:300]}"
         ) from e
+    missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
     if missing or unexpected:
         raise UserError(
             f"Checkpoint {path} does not fit {spec.model!r} for {spec.key!r}: "
             f"{len(missing)} missing keys {missing[:5]}, {len(unexpected)} unexpected keys "
             f"{unexpected[:5]}. Is it for another architecture?"
         )
+
+
+def _create(spec: ModelSpec, weights: Weights) -> nn.Module:
+    """The timm network with `weights`. Hub weights go through timm's own pretrained path (its
+    per-model checkpoint filters and label offsets apply); the file is read here, from the local
+    cache, so timm never reaches for the network."""
+    if weights.kind == "hub":
+        overlay = {"state_dict": read_state_dict(weights.path)}
+        try:
+            return timm.create_model(
+                spec.model, pretrained=True, pretrained_cfg_overlay=overlay, **spec.kwargs
+            )
+        except RuntimeError as e:
+            raise UserError(
+                f"The hub weights {weights.path} do not fit {spec.model!r} for {spec.key!r}: "
+                f"{str(e).splitlines()[-1].strip()[:300]}"
+            ) from e
+    net = timm.create_model(spec.model, pretrained=False, **spec.kwargs)
+    if weights.kind == "checkpoint":
+        _load_into(net, spec, weights.path)
+    return net
 
 
 class PixelModel(nn.Module):
@@ -312,11 +346,9 @@ def build_model(
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(zlib.crc32(spec.key.encode()) ^ (seed & 0xFFFFFFFF))
-            net = timm.create_model(spec.model, pretrained=False, **spec.kwargs)
+            net = _create(spec, weights)
     except TypeError as e:
         raise UserError(f"Bad kwargs for {spec.model!r} ({spec.key!r}): {e}") from e
-    if weights.path is not None:
-        _load_into(net, spec, weights.path)
     size = spec.input_size or cfg.get("input_size", (3, 224, 224))[-1]
     mean = spec.mean or tuple(cfg.get("mean", timm.data.IMAGENET_DEFAULT_MEAN))
     std = spec.std or tuple(cfg.get("std", timm.data.IMAGENET_DEFAULT_STD))

@@ -11,7 +11,7 @@ timm/torchvision) or a flat folder of the 50,000 JPEGs with `--labels FILE`, a C
 `filename,label` of 0-based class indices in that same order. Selection: per class, the images
 sorted by name, `--per-class` of them drawn with a generator seeded by `--seed` and the class.
 Each is resized to short side 256 (bicubic), center-cropped to 224 and saved as PNG, with
-`labels.csv` (protocol.md).
+`labels.csv` (docs/protocol.md).
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
-"""Runs that survive: an exclusive lock on the run directory and a manifest of finished images.
+"""Runs that survive: an exclusive lock on the run directory, a manifest of finished images, and
+the check that a finished run needs no work.
 
 The manifest is an append-only JSON-lines file: a header naming what the images were crafted
-from (`identity`: source, attack, data selection, seed), then one line per saved PNG with its
-sha256, appended only after the PNG was atomically renamed into place. A re-run skips exactly
-the images whose line is there and whose file still has that hash; a line cut short by a kill is
-ignored, so the worst case is one batch crafted twice.
+from (the run's identity plus the hashes of the source weights and of the clean data), then one
+line per saved PNG with its sha256, appended only after the PNG was atomically renamed into
+place. A re-run skips exactly the images whose line is there and whose file still has that hash;
+a line cut short by a kill is ignored, so the worst case is one batch crafted twice.
 """
 
 from __future__ import annotations
@@ -19,13 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from tgr_bench.errors import UserError
-
-MANIFEST = "manifest.jsonl"
-LOCK = ".tgr-bench.lock"
-
-
-def identity_hash(identity: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+from tgr_bench.record import IMAGES_DIR, LOCK, MANIFEST, RunRecord, digest
 
 
 @contextlib.contextmanager
@@ -64,7 +59,7 @@ class Manifest:
     def __init__(self, path: Path, identity: dict[str, Any]) -> None:
         self.path = path
         self.identity = identity
-        self.digest = identity_hash(identity)
+        self.digest = digest(identity)
         self.done: dict[str, str] = {}
         self._load()
 
@@ -132,3 +127,19 @@ class Manifest:
         digest = hashlib.sha256(png).hexdigest()
         self._append({"stem": stem, "sha256": digest})
         self.done[stem] = digest
+
+
+def finished(out_dir: Path, config: dict[str, Any], stems: list[str]) -> RunRecord | None:
+    """The record of a complete run with exactly this config whose images (if it crafted any)
+    are all still there and verified: re-running it is a no-op."""
+    try:
+        record = RunRecord.load(out_dir)
+    except UserError:
+        return None
+    if record is None or not record.complete or record.config != config:
+        return None
+    if record.attack is not None:
+        done = Manifest.entries(out_dir / MANIFEST)
+        if len(verified(done, out_dir / IMAGES_DIR, stems)) != len(stems):
+            return None
+    return record

@@ -89,6 +89,11 @@ class Attack:
             **(self.patchout.params() if self.patchout else {}),
         }
 
+    def defaults(self) -> dict[str, Any]:
+        """`params()` of this attack with every setting at its default (the sweep plots mark
+        the default value)."""
+        return type(self)().params()
+
     # ---- hook points -------------------------------------------------------------------------
     @contextlib.contextmanager
     def source_context(self, model: nn.Module) -> Iterator[None]:

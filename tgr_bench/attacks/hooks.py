@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tgr_bench.architectures import INPUT, OUTPUT, SOFTMAX_INPUT, BoundSite
+from tgr_bench.attacks.architectures import INPUT, OUTPUT, SOFTMAX_INPUT, BoundSite
 from tgr_bench.attacks.base import Attack
 from tgr_bench.errors import UserError
 
@@ -25,7 +25,7 @@ def set_fused_attn(model: nn.Module, enabled: bool) -> list[tuple[nn.Module, boo
     """Switch timm's fused attention; returns the previous settings to restore.
 
     The fused kernel never materializes the attention scores, so attention hooks would never
-    fire (tgr.md section 6): the source must run the explicit path while it is attacked.
+    fire (docs/tgr.md section 6): the source must run the explicit path while it is attacked.
     """
     previous = [(m, m.fused_attn) for m in model.modules() if hasattr(m, "fused_attn")]
     for m, _ in previous:
@@ -39,6 +39,7 @@ class GradientHookAttack(Attack):
         self.fired: Counter[str] = Counter()
         self.family: str | None = None
         self._sites: list[BoundSite] = []
+        self._attacked = False  # a resumed run may have nothing left to attack
 
     # ---- what a subclass decides -------------------------------------------------------------
     def bind(self, net: nn.Module) -> list[BoundSite]:
@@ -123,8 +124,12 @@ class GradientHookAttack(Attack):
                 f"{self.name.upper()} component(s) {silent} never fired on the {self.family} "
                 f"source during the {stage}: the attack would silently be plain MI-FGSM there. "
                 f"Is fused attention still on, or did the timm version change the module layout "
-                f"of tgr_bench/architectures.py? Fired counts: {dict(self.fired)}."
+                f"of tgr_bench/attacks/architectures.py? Fired counts: {dict(self.fired)}."
             )
+
+    def perturb(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self._attacked = True
+        return super().perturb(*args, **kwargs)
 
     @contextlib.contextmanager
     def source_context(self, model: nn.Module) -> Iterator[None]:
@@ -132,10 +137,12 @@ class GradientHookAttack(Attack):
         self._sites = self.bind(net)
         previous = set_fused_attn(net, False)
         handles = [self._install(b) for b in self._sites]
+        self._attacked = False
         try:
             self._probe(model)
             yield
-            self.check()
+            if self._attacked:
+                self.check()
         finally:
             for h in handles:
                 h.remove()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tgr_bench.architectures import BoundSite, bind_sites, family_of
+from tgr_bench.attacks.architectures import BoundSite, bind_sites, family_of
 from tgr_bench.attacks.hooks import GradientHookAttack
 
 

@@ -2,9 +2,10 @@
 
 The gradient of every residual branch output is scaled by gamma; skip connections are untouched.
 ViT-family sources: the attention output after proj and the MLP output of every block (ports
-differ: one scales only the MLP branch, one uses 0.4; tgr-bench scales both, gamma 0.5 as in
-baselines.md). ResNet sources: the output of each residual unit's last BN (or SE gate), i.e. the
-whole branch once, where the original code scaled the gradient at every ReLU of the branch.
+differ: one scales only the MLP branch, one uses 0.4; tgr-bench scales both, gamma 0.5; see
+docs/baselines.md section 4). ResNet sources: the output of each residual unit's last BN (or SE
+gate), i.e. the whole branch once, where the original code scaled the gradient at every ReLU of
+the branch.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tgr_bench.architectures import BoundSite, bind_sites, family_of
+from tgr_bench.attacks.architectures import BoundSite, bind_sites, family_of
 from tgr_bench.attacks.hooks import GradientHookAttack
 from tgr_bench.errors import UserError
 

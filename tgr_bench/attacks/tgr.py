@@ -1,4 +1,4 @@
-"""TGR: Token Gradient Regularization (Zhang et al., CVPR 2023), tgr.md sections 2-4.
+"""TGR: Token Gradient Regularization (Zhang et al., CVPR 2023), docs/tgr.md sections 2-4.
 
 The attack is MI-FGSM with a modified backward pass of the source: at every site of
 architectures.py the gradient G of a tensor Z is replaced by R(G) = gamma * G with the k largest
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tgr_bench.architectures import (
+from tgr_bench.attacks.architectures import (
     COMPONENTS,
     HEADS_PER_KEY,
     KEYS,
@@ -78,8 +78,8 @@ def positions(rule: str, shape: Sequence[int]) -> int:
 
 
 def regularize(g: torch.Tensor, rule: str, gamma: float, k: int) -> torch.Tensor:
-    """R(G; gamma, k) of tgr.md section 2: scale, then zero the extremes of the scaled gradient
-    (as the released code), in place on the one new tensor."""
+    """R(G; gamma, k) of docs/tgr.md section 2: scale, then zero the extremes of the scaled
+    gradient (as the released code), in place on the one new tensor."""
     g = g * gamma
     if rule == ROWCOL:
         return zero_rows_cols_(g, k)

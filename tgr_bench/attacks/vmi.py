@@ -1,5 +1,5 @@
 """VMI-FGSM (Wang & He, CVPR 2021): momentum on the gradient plus the previous step's variance
-of the gradient over a uniform neighbourhood (baselines.md)."""
+of the gradient over a uniform neighbourhood (docs/baselines.md)."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from tgr_bench.atomic import atomic_write  # noqa: E402
-from tgr_bench.tables import GROUP_TITLES  # noqa: E402
+from tgr_bench.report.tables import GROUP_TITLES  # noqa: E402
 
 
 def group_averages(cells: pd.DataFrame, metric: str = "asr") -> pd.DataFrame:
@@ -34,9 +34,15 @@ def _save(fig: plt.Figure, out: Path, name: str) -> list[Path]:
     return paths
 
 
-def plot_sweep(
-    cells: pd.DataFrame, param: str, out: Path, default: object = None, metric: str = "asr"
-) -> list[Path]:
+def recorded_default(cells: pd.DataFrame, param: str) -> object:
+    """The attack's default value of `param`, as the runs recorded it (None when they disagree
+    or do not record it)."""
+    values = {json.dumps(json.loads(d).get(param)) for d in cells.defaults.dropna()}
+    return json.loads(values.pop()) if len(values) == 1 else None
+
+
+def plot_sweep(cells: pd.DataFrame, param: str, out: Path, metric: str = "asr") -> list[Path]:
+    default = recorded_default(cells[cells.params.map(lambda p: param in json.loads(p))], param)
     avg = group_averages(cells, metric)
     avg["value"] = avg.params.map(lambda p: json.loads(p).get(param))
     avg = avg[avg.value.notna()]  # runs without this parameter (e.g. the MI baseline)
@@ -47,9 +53,7 @@ def plot_sweep(
         for group, line in part.groupby("group", sort=False):
             ax.plot(line.value, line[metric], marker="o", label=f"avg {GROUP_TITLES[group]}")
         if default is not None:
-            ax.axvline(
-                default, color="grey", linestyle="--", label=f"paper default {param}={default}"
-            )
+            ax.axvline(default, color="grey", linestyle="--", label=f"default {param}={default}")
         if part.value.min() > 0 and part.value.max() / max(part.value.min(), 1e-9) >= 8:
             ax.set_xscale("log", base=2)
         ax.set_xticks(sorted(part.value.unique()))

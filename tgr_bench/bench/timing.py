@@ -1,4 +1,4 @@
-"""Timing helpers shared by scripts/bench.py and scripts/bench_attack.py (not used by runs)."""
+"""Benchmark timing helpers: device-drained wall times, peak memory, random-weight models."""
 
 from __future__ import annotations
 
@@ -6,12 +6,13 @@ import resource
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 
 from tgr_bench.attacks import Attack
+from tgr_bench.catalogue import model_keys, model_spec
 from tgr_bench.evaluate import predict
 from tgr_bench.models import ModelSpec, PixelModel, Weights, build_model
 
@@ -76,14 +77,14 @@ def time_predict(
 
 
 def random_model(
-    name: str, conf_dir: Any, device: torch.device, precision: str = "fp32"
+    name: str, device: torch.device, precision: str = "fp32"
 ) -> tuple[ModelSpec, PixelModel]:
-    """A model key of conf/source (its architecture, kwargs and input size) or a timm name,
-    with random weights: timing does not depend on them."""
-    path = conf_dir / "source" / f"{name}.yaml"
-    if path.is_file():
-        cfg = OmegaConf.to_container(OmegaConf.load(path))
-        spec = ModelSpec.from_cfg({**cfg, "pretrained": False, "requires_checkpoint": False})
+    """A catalogue key (its architecture, kwargs and input size) or a timm name, with random
+    weights: timing does not depend on them."""
+    if name in model_keys():
+        spec = replace(
+            model_spec(name), pretrained=False, checkpoint=None, requires_checkpoint=False
+        )
     else:
         spec = ModelSpec(key=name, model=name, pretrained=False)
     return spec, build_model(spec, Weights("random"), device).model.set_speed(precision)

@@ -4,8 +4,8 @@ For every supported family, two tables of sites:
 - `tgr`: which blocks have attention, and in each block which tensor of which module a TGR
   component (`attn`, `qkv`, `mlp`) regularizes, where that tensor sits relative to the module
   (its output, its input, or the input of the softmax whose output the module receives), and how
-  positions and channels are laid out in it (the rule). tgr.md sections 3 and 4 are the source
-  of every row. PNA uses the `attn` rows (every attention map, both CaiT class blocks).
+  positions and channels are laid out in it (the rule). docs/tgr.md sections 3 and 4 give
+  every row. PNA uses the `attn` rows (every attention map, both CaiT class blocks).
 - `branches`: the output of every residual branch (attention after proj, MLP; a ResNet unit's
   last BN), where SGM scales the gradient.
 A new family (Swin, EVA, BEiT) is one more `Family` entry, not edits across hook code.
@@ -158,7 +158,7 @@ def family_of(net: nn.Module, table: str = "tgr", attack: str = "TGR") -> Family
     raise UserError(
         f"{attack} does not support the source architecture {type(net).__name__}: supported "
         f"families are {supported}. Choose a source of those families or add a Family entry in "
-        f"tgr_bench/architectures.py."
+        f"tgr_bench/attacks/architectures.py."
     )
 
 
@@ -218,7 +218,7 @@ def bind_sites(
                         raise UserError(
                             f"{type(net).__name__} block {where}.{i} has no {site.path}: "
                             f"this timm version's {family.name} layout differs from "
-                            f"tgr_bench/architectures.py."
+                            f"tgr_bench/attacks/architectures.py."
                         )
                     name = f"{where}.{i}.{site.path}"
                     bound.append(BoundSite(site, module, name))

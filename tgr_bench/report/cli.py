@@ -15,34 +15,36 @@ import json
 import sys
 from pathlib import Path
 
+import pandas as pd
 from rich.console import Console
-from rich.table import Table
 
-from tgr_bench.aggregate import collect
 from tgr_bench.atomic import atomic_write
-from tgr_bench.attacks import TGR
 from tgr_bench.errors import UserError
-from tgr_bench.plots import plot_components, plot_sweep
-from tgr_bench.tables import paper_table, write_tables
+from tgr_bench.report.cells import collect
+from tgr_bench.report.plots import plot_components, plot_sweep
+from tgr_bench.report.tables import paper_table, write_tables
+from tgr_bench.report.writers import print_table, to_markdown
 
 
 def bench_markdown(files: list[Path]) -> str:
     """One line per scripts/bench.py result: crafting images/s per attack, tgr/mi, evaluation."""
-    lines = [
-        "| device | source | batch | precision | crafting images/s | tgr/mi | evaluation "
-        "images/s |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    rows = []
     for f in files:
         b = json.loads(f.read_text())
         craft = ", ".join(f"{a} {v['images_per_s']:.2f}" for a, v in b["crafting"].items())
         ev = ", ".join(f"{t} {v['images_per_s']:.1f}" for t, v in b.get("evaluation", {}).items())
-        ratio = f"{b['tgr_over_mi']:.3f}" if "tgr_over_mi" in b else "-"
-        lines.append(
-            f"| {b['device']} | {b['source']} | {b['batch_size']} | {b['precision']} | "
-            f"{craft} | {ratio} | {ev or '-'} |"
+        rows.append(
+            {
+                "device": b["device"],
+                "source": b["source"],
+                "batch": b["batch_size"],
+                "precision": b["precision"],
+                "crafting images/s": craft,
+                "tgr/mi": f"{b['tgr_over_mi']:.3f}" if "tgr_over_mi" in b else "-",
+                "evaluation images/s": ev or "-",
+            }
         )
-    return "\n".join(lines) + "\n"
+    return to_markdown(pd.DataFrame(rows))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.paths:
         p.error("give run directories, or --bench files")
     try:
-        cells = collect(args.paths)
+        cells = collect(args.paths, note=lambda line: console.print(line, highlight=False))
         if args.groups:
             keep = set(args.groups.split(",")) | {"other"}
             cells = cells[cells.group.isin(keep) | (cells.target == "-")]
@@ -79,19 +81,12 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as e:
         print(f"tgr-bench-report: error: {e}", file=sys.stderr)
         sys.exit(2)
-    shown = Table(title=f"{args.metric} (%), * = white-box")
-    cols = [c for c in table.columns if c != "run_dirs"]
-    for c in cols:
-        shown.add_column(c, justify="left" if c in ("source", "attack") else "right")
-    for values in table[cols].astype(str).values.tolist():
-        shown.add_row(*values)
-    console.print(shown)
+    print_table(table.drop(columns=["run_dirs"]), f"{args.metric} (%), * = white-box", console)
     if args.out:
         write_tables(cells, table, args.out, args.name)
         written = [args.out / f"{args.name}.{e}" for e in ("md", "tex", "csv")]
         if args.sweep:
-            default = getattr(TGR(), args.sweep, None)
-            written += plot_sweep(cells, args.sweep, args.out, default, args.metric)
+            written += plot_sweep(cells, args.sweep, args.out, args.metric)
         if args.components:
             written += plot_components(cells, args.out, args.metric)
         console.print("wrote " + ", ".join(str(w) for w in written))

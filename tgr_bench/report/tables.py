@@ -1,5 +1,5 @@
-"""Cells (aggregate.py) to the paper's layout: per source, one row per attack, one column per
-target, averages over black-box ViTs, CNNs and defended models; Markdown, LaTeX and CSV."""
+"""Cells (cells.py) to the paper's layout: per source, one row per attack, one column per target,
+averages over black-box ViTs, CNNs and defended models; written as Markdown, LaTeX and CSV."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from tgr_bench.aggregate import GROUPS, target_groups
 from tgr_bench.atomic import atomic_write
+from tgr_bench.errors import UserError
+from tgr_bench.report.cells import GROUPS, target_groups
+from tgr_bench.report.writers import to_csv, to_latex, to_markdown
 
 GROUP_TITLES = {"vits": "ViTs", "cnns": "CNNs", "defended": "defended", "other": "other"}
 ATTACK_ORDER = ("mi", "vmi", "sgm", "pna", "tgr", "pna_patchout", "tgr_patchout")  # the paper's
@@ -37,19 +39,27 @@ def row_order(cells: pd.DataFrame) -> pd.Series:
     return cells.apply(key, axis=1)
 
 
+def _varying(values: dict[str, dict]) -> list[str]:
+    keys = sorted({k for v in values.values() for k in v})
+    return [k for k in keys if len({json.dumps(v.get(k)) for v in values.values()}) > 1]
+
+
 def row_labels(cells: pd.DataFrame) -> pd.Series:
-    """`tgr` alone, or `tgr k=2` when runs of one attack on one source differ in a value."""
+    """`tgr` alone; `tgr k=2` when runs of one attack on one source differ in a parameter;
+    `mi [precision=bf16]` or `mi [data.limit=100]` when they differ in anything else."""
     labels = pd.Series(cells.attack, index=cells.index, dtype=object)
     for _, part in cells.groupby(["source", "attack"], sort=False):
-        variants = {p: json.loads(p) for p in part.params.unique()}
-        if len(variants) < 2:
+        if part.cell.nunique() < 2:
             continue
-        keys = sorted({k for v in variants.values() for k in v})
-        varying = [k for k in keys if len({json.dumps(v.get(k)) for v in variants.values()}) > 1]
+        params = {p: json.loads(p) for p in part.params.unique()}
+        settings = {s: json.loads(s) for s in part.settings.unique()}
+        swept, other = _varying(params), _varying(settings)
         for idx in part.index:
-            params = variants[cells.at[idx, "params"]]
-            swept = " ".join(f"{k}={params.get(k)}" for k in varying)
-            labels[idx] = f"{cells.at[idx, 'attack']} {swept}"
+            p, s = params[cells.at[idx, "params"]], settings[cells.at[idx, "settings"]]
+            label = " ".join([cells.at[idx, "attack"], *(f"{k}={p.get(k)}" for k in swept)])
+            if other:
+                label += " [" + " ".join(f"{k}={s.get(k)}" for k in other) + "]"
+            labels[idx] = label
     return labels
 
 
@@ -68,6 +78,13 @@ def paper_table(cells: pd.DataFrame, metric: str = "asr") -> pd.DataFrame:
     groups = [g for g in (*GROUPS, "other") if (cells.group == g).any()]
     rows = []
     for (source, label), part in cells.groupby(["source", "label"], sort=False):
+        if part.target.duplicated().any():  # two cells, one label: never show one of them
+            dup = part[part.target.duplicated(keep=False)]
+            raise UserError(
+                f"Runs {'; '.join(sorted(set(dup.run_dirs)))} land in one row ({source} / "
+                f"{label}) with nothing in their records telling them apart. Report them "
+                f"separately."
+            )
         by_target = {r.target: r for r in part.itertuples()}
         row: dict[str, object] = {"source": source, "attack": label}
         for t in targets:
@@ -111,39 +128,15 @@ NOTES = (
 )
 
 
-def to_markdown(table: pd.DataFrame) -> str:
-    cols = [c for c in table.columns if c != "run_dirs"]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    for values in table[cols].astype(str).values.tolist():
-        lines.append("| " + " | ".join(values) + " |")
+def markdown(table: pd.DataFrame) -> str:
+    """The table, what its marks mean, and the run directories of every row."""
+    shown = table.drop(columns=["run_dirs"])
     sources = "\n".join(f"- {r.source} / {r.attack}: {r.run_dirs}" for r in table.itertuples())
-    return "\n".join(lines) + f"\n\n{NOTES}\n\nRun directories:\n{sources}\n"
-
-
-def _tex(text: object) -> str:
-    return str(text).replace("_", r"\_").replace("%", r"\%").replace("*", r"$^*$")
-
-
-def to_latex(table: pd.DataFrame) -> str:
-    cols = [c for c in table.columns if c != "run_dirs"]
-    lines = [
-        r"\begin{tabular}{ll" + "r" * (len(cols) - 2) + "}",
-        r"\toprule",
-        " & ".join(_tex(c) for c in cols) + r" \\",
-        r"\midrule",
-    ]
-    previous = None
-    for values in table[cols].astype(str).values.tolist():
-        if previous is not None and values[0] != previous:
-            lines.append(r"\midrule")
-        previous = values[0]
-        lines.append(" & ".join(_tex(v) for v in values) + r" \\")
-    lines += [r"\bottomrule", r"\end{tabular}", ""]
-    return "\n".join(lines)
+    return to_markdown(shown) + f"\n{NOTES}\n\nRun directories:\n{sources}\n"
 
 
 def write_tables(cells: pd.DataFrame, table: pd.DataFrame, out: Path, name: str = "table") -> None:
-    atomic_write(out / f"{name}.md", to_markdown(table).encode())
-    atomic_write(out / f"{name}.tex", to_latex(table).encode())
-    atomic_write(out / f"{name}.csv", table.to_csv(index=False).encode())
-    atomic_write(out / f"{name}_cells.csv", cells.to_csv(index=False).encode())
+    atomic_write(out / f"{name}.md", markdown(table).encode())
+    atomic_write(out / f"{name}.tex", to_latex(table.drop(columns=["run_dirs"])).encode())
+    atomic_write(out / f"{name}.csv", to_csv(table))
+    atomic_write(out / f"{name}_cells.csv", to_csv(cells))

@@ -1,0 +1,2 @@
+"""Benchmarks (not used by runs): timing helpers and the `python -m tgr_bench.bench.*` entries
+that scripts/ wraps."""

@@ -1,0 +1,158 @@
+"""Loaded runs to one long table of cells: one row per (identity without shard, target).
+
+A cell is one identity (record.py): shards of one identity are merged by adding their counts,
+which gives exactly the numbers of the unsharded run; a missing or failed shard makes the cell
+`incomplete` / `failed`. Runs that differ in anything (data, precision, seed, weights) are
+different cells, labelled by what differs (tables.py). The same images reported twice (a copied
+run directory, or a run together with an evaluation of its own folder) are refused, naming both
+directories: one must never silently replace the other.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from tgr_bench.errors import UserError
+from tgr_bench.metrics import COUNTS, RATES, rates
+from tgr_bench.record import AdvSetInfo, Identity
+from tgr_bench.report.runs import LoadedRun, load_runs
+
+GROUPS = ("vits", "cnns", "defended")
+
+
+@cache
+def target_groups() -> dict[str, str]:
+    """Target key -> `vits` / `cnns` / `defended`, read from the shipped targets configs."""
+    from hydra import compose, initialize_config_module
+
+    groups = {}
+    with initialize_config_module("tgr_bench.conf", version_base="1.3"):
+        for group in GROUPS:
+            for key in compose("config", overrides=[f"targets={group}"]).targets:
+                groups[key] = group
+    return groups
+
+
+def settings(identity: Identity | None, info: AdvSetInfo) -> dict[str, Any]:
+    """Everything but the attack's parameters that tells two cells of one attack apart, flat,
+    for row labels: `data.limit`, `precision`, `seed`, `source.checkpoint`, ..."""
+    if identity is None:
+        return {"adv_dir": info.folder}
+    flat: dict[str, Any] = {"precision": identity.precision, "seed": identity.seed}
+    flat |= {f"data.{k}": v for k, v in identity.data.items()}
+    flat |= {f"source.{k}": v for k, v in (identity.source or {}).items() if k != "key"}
+    return flat
+
+
+def _units(run: LoadedRun) -> list[dict[str, Any]]:
+    """One entry per (set, target) of a run; placeholders for a run that did not complete."""
+    rec = run.record
+    base_of = {}
+    for info in rec.sets:
+        ident = info.identity
+        base_of[info.run_id] = {
+            "source": info.source,
+            "attack": info.attack,
+            "params": json.dumps(info.params, sort_keys=True, default=str),
+            "settings": json.dumps(settings(ident, info), sort_keys=True, default=str),
+            "defaults": json.dumps(info.defaults, sort_keys=True, default=str),
+            "cell": ident.cell() if ident else info.run_id,
+            "shard": ident.shard if ident else None,
+            "run_dir": str(run.path),
+        }
+    if not rec.complete:
+        status = "failed" if rec.status == "failed" else "incomplete"
+        return [
+            {**base, "target": t, "status": status}
+            for base in base_of.values()
+            for t in rec.target_keys or ["-"]
+        ]
+    if run.results is None:
+        return []
+    units = []
+    for row in run.results.to_dict("records"):
+        base = base_of.get(str(row["run_id"]))
+        if base is None:
+            raise UserError(
+                f"{run.path}: results.csv names run_id {row['run_id']!r}, which its run.json "
+                f"does not record. Re-run the command that made this directory."
+            )
+        units.append(
+            {
+                **base,
+                "target": row["target"],
+                "target_sha256": row["target_sha256"] if pd.notna(row["target_sha256"]) else None,
+                "status": row["status"],
+                **{c: int(row[c]) if pd.notna(row[c]) else 0 for c in COUNTS},
+            }
+        )
+    return units
+
+
+def _merge(members: list[dict[str, Any]], note: Callable[[str], None]) -> dict[str, Any]:
+    """One cell from the units of one (cell, target): shards added, collisions refused."""
+    by_shard: dict[Any, dict[str, Any]] = {}
+    for u in members:
+        key = tuple(u["shard"]) if u["shard"] else None
+        other = by_shard.get(key)
+        if other is None:
+            by_shard[key] = u
+            continue
+        done = [m for m in (other, u) if m["status"] not in ("failed", "incomplete")]
+        if len(done) == 2:
+            what = f"shard {key[0]} of {key[1]}" if key else "the same adversarial images"
+            raise UserError(
+                f"Two run directories hold results for {what} ({u['source']} / {u['attack']}) "
+                f"on target {u['target']}: {other['run_dir']} and {u['run_dir']}. The report "
+                f"never lets one replace the other: pass only one of them (a copied run "
+                f"directory, or a run together with an evaluation of its own images folder)."
+            )
+        keep = done[0] if done else other
+        dropped = u if keep is other else other
+        note(
+            f"note: {dropped['run_dir']} ({dropped['status']}) is superseded by "
+            f"{keep['run_dir']} for {u['source']} / {u['attack']} on {u['target']}"
+        )
+        by_shard[key] = keep
+    first = members[0]
+    num_shards = first["shard"][1] if first["shard"] else 1
+    present = {k[0] if k else 0 for k in by_shard}
+    units = list(by_shard.values())
+    statuses = {u["status"] for u in units}
+    cell = {k: first[k] for k in ("source", "attack", "params", "settings", "defaults", "cell")}
+    cell["target"] = first["target"]
+    cell["run_dirs"] = ";".join(sorted({u["run_dir"] for u in units}))
+    shas = {u.get("target_sha256") for u in units if u.get("target_sha256")}
+    cell["target_sha256"] = ";".join(sorted(shas)) if shas else None
+    if statuses & {"failed", "incomplete"} or present != set(range(num_shards)):
+        cell["status"] = "failed" if "failed" in statuses else "incomplete"
+        return cell
+    if statuses != {"ok"}:
+        cell["status"] = sorted(statuses - {"ok"})[0]  # e.g. missing checkpoint
+        return cell
+    total = {c: sum(u[c] for u in units) for c in COUNTS}
+    return {**cell, "status": "ok", **total, **rates(total)}
+
+
+def cells(runs: list[LoadedRun], note: Callable[[str], None] = print) -> pd.DataFrame:
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for run in runs:
+        for u in _units(run):
+            groups.setdefault((u["cell"], u["target"]), []).append(u)
+    frame = pd.DataFrame([_merge(members, note) for members in groups.values()])
+    for c in (*COUNTS, *RATES):
+        if c not in frame:
+            frame[c] = float("nan")
+    frame["white_box"] = frame.target == frame.source
+    frame["group"] = frame.target.map(lambda t: target_groups().get(t, "other"))
+    return frame
+
+
+def collect(paths: list[str | Path], note: Callable[[str], None] = print) -> pd.DataFrame:
+    return cells(load_runs(paths, note), note)

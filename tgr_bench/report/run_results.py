@@ -1,0 +1,51 @@
+"""A run's own result files: results.csv (long format), results.md, predictions.csv, and the
+table printed at the end of a run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from rich.console import Console
+
+from tgr_bench.atomic import atomic_write
+from tgr_bench.metrics import DESCRIPTION, RATES
+from tgr_bench.record import PREDICTIONS_CSV, RESULT_COLUMNS, RESULTS_CSV, RESULTS_MD
+from tgr_bench.report.writers import print_table, to_markdown
+
+
+def results_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=RESULT_COLUMNS)
+
+
+def _rate(value: float) -> str:
+    return "-" if pd.isna(value) else f"{value:.1f}"
+
+
+def text_frame(df: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """Rates with one decimal ('-' when undefined), the white-box flag spelled out."""
+    out = df[columns].copy().astype(object)
+    for c in columns:
+        if c in RATES:
+            out[c] = df[c].map(_rate)
+        elif c == "white_box":
+            out[c] = df[c].map(lambda w: "white-box" if w else "")
+    return out
+
+
+def write_run_results(df: pd.DataFrame, predictions: pd.DataFrame, out_dir: Path) -> None:
+    atomic_write(out_dir / RESULTS_CSV, df.to_csv(index=False, float_format="%.4f").encode())
+    note = f"{DESCRIPTION} The white-box row (source = target) is not a transfer result.\n\n"
+    shown = [c for c in RESULT_COLUMNS if c not in ("run_id", "target_sha256")]
+    atomic_write(out_dir / RESULTS_MD, (note + to_markdown(text_frame(df, shown))).encode())
+    atomic_write(out_dir / PREDICTIONS_CSV, predictions.to_csv(index=False).encode())
+
+
+def print_run_results(df: pd.DataFrame, title: str, console: Console | None = None) -> None:
+    shown = df.assign(
+        target=[
+            f"{t} (white-box)" if w else t for t, w in zip(df.target, df.white_box, strict=True)
+        ]
+    )
+    print_table(text_frame(shown, ["target", "n", *RATES]), title, console)

@@ -1,0 +1,59 @@
+"""Run directories to loaded run records (and their results when complete)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from tgr_bench.errors import UserError
+from tgr_bench.record import RESULTS_CSV, RUN_JSON, RunRecord
+
+
+@dataclass
+class LoadedRun:
+    path: Path
+    record: RunRecord
+    results: pd.DataFrame | None  # complete runs only
+
+
+def find_run_dirs(paths: list[str | Path]) -> list[Path]:
+    """Every directory under `paths` that a tgr-bench command ran in: it holds a run record or
+    at least Hydra's record of the command."""
+    found: set[Path] = set()
+    for p in map(Path, paths):
+        if not p.exists():
+            raise UserError(f"{p} does not exist: pass run directories or multirun directories.")
+        if (p / RUN_JSON).is_file() or (p / ".hydra" / "config.yaml").is_file():
+            found.add(p)
+            continue
+        found |= {r.parent for r in p.rglob(RUN_JSON)}
+        found |= {c.parent.parent for c in p.rglob(".hydra/config.yaml")}
+    if not found:
+        raise UserError(f"No tgr-bench run directories under {[str(p) for p in paths]}.")
+    return sorted(found)
+
+
+def load_runs(paths: list[str | Path], note: Callable[[str], None]) -> list[LoadedRun]:
+    """Loaded runs; a directory whose command failed before its settings were valid (no run
+    record) is skipped with one line through `note`."""
+    runs = []
+    for path in find_run_dirs(paths):
+        record = RunRecord.load(path)
+        if record is None:
+            log = path / "cli.log"
+            where = f"; its log: {log}" if log.is_file() else ""
+            note(
+                f"skipped {path}: no run record (the command failed before its settings were "
+                f"valid){where}"
+            )
+            continue
+        results = None
+        if record.complete and (path / RESULTS_CSV).is_file():
+            results = pd.read_csv(path / RESULTS_CSV)
+        runs.append(LoadedRun(path, record, results))
+    if not runs:
+        raise UserError(f"No run records (run.json) under {[str(p) for p in paths]}.")
+    return runs
