@@ -101,8 +101,21 @@ def test_json_label_outside_range(json_set: Path):
 
 def test_image_without_label(json_set: Path):
     write_images(json_set, 6, seed=3)  # adds ILSVRC2012_val_00000006 with no json entry
-    with pytest.raises(UserError, match="no entry"):
+    with pytest.raises(UserError, match="have no label"):
         load_folder(json_set)
+
+
+def test_image_missing_from_labels_csv_is_never_silently_dropped(csv_set: Path):
+    for i in (6, 7, 8):  # three images in the folder that labels.csv does not list
+        write_images(csv_set / "extra", 8, seed=i)
+        (csv_set / "extra" / f"ILSVRC2012_val_{i:08d}.png").rename(
+            csv_set / f"ILSVRC2012_val_{i:08d}.png"
+        )
+    with pytest.raises(UserError, match=r"3 images .* have no label .*00000006.*allow_unlabeled"):
+        load_folder(csv_set)
+    data = load_folder(csv_set, allow_unlabeled=True)
+    assert len(data) == 5 and data.unlabeled_skipped == 3
+    assert "ILSVRC2012_val_00000006" not in data.stems
 
 
 def test_listed_file_missing(csv_set: Path):

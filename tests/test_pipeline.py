@@ -11,9 +11,11 @@ import timm
 import torch
 from omegaconf import OmegaConf
 
+from tests.conftest import write_images
 from tgr_bench.data import read_image, synthetic
 from tgr_bench.errors import UserError
 from tgr_bench.pipeline import run
+from tgr_bench.record import RunRecord
 
 SMOKE_TARGETS = ["test_vit", "test_convnext", "test_efficientnet"]
 
@@ -72,10 +74,15 @@ def test_smoke_experiment_end_to_end(make_cfg, tmp_path: Path):
             100 * (clean_pred == clean.labels).float().mean().item()
         )
     assert (out / "results.md").read_text().count("\n| test_vit | mi | alpha=1.6") == 3
+    assert set(df.run_id) == {record.identity.run_id}
+    assert df.target_weights.tolist() == ["random", "checkpoint", "checkpoint"]
 
     saved = json.loads((out / "run.json").read_text())
-    assert saved == json.loads(json.dumps(record, default=str))
-    assert saved["status"] == "complete" and saved["n_images"] == 8
+    assert saved == json.loads(json.dumps(record.to_dict(), default=str))
+    assert RunRecord.load(out) == record
+    assert saved["status"] == "complete" and saved["data"]["n_images"] == 8
+    assert saved["identity"]["params"] == {"eps": 16.0, "steps": 10, "alpha": 1.6, "decay": 1.0}
+    assert saved["attack"]["label"] == "mi" and saved["attack"]["defaults"]["steps"] == 10
     assert {k: v for k, v in saved["config"]["attack"].items() if k != "patchout"} == {
         "name": "mi",
         "eps": 16,
@@ -116,7 +123,7 @@ def test_evaluating_an_existing_folder_gives_the_same_numbers(make_cfg, tmp_path
     assert a.asr.tolist() == b.asr.tolist() and a.clean_acc.tolist() == b.clean_acc.tolist()
     # A tgr-bench run's images keep their source and attack; other folders are "external".
     assert set(b.source) == {"test_vit"} and set(b.attack) == {"mi"}
-    assert record["adv_dir"][0].endswith("images")
+    assert record.sets[0].folder.endswith("images") and record.sets[0].identity is not None
     assert not (tmp_path / "b" / "images").exists()
 
 
@@ -170,7 +177,7 @@ def test_clean_predictions_are_cached_across_runs(make_cfg, tmp_path: Path, monk
     a = pd.read_csv(tmp_path / "a" / "results.csv")
     b = pd.read_csv(tmp_path / "b" / "results.csv")
     assert a.clean_acc.tolist() == b.clean_acc.tolist()
-    assert all(t["clean_cache_key"] for t in rec["targets"])
+    assert all(t["clean_cache_key"] for t in rec.targets)
 
 
 def test_rerunning_a_finished_run_is_a_no_op(make_cfg, tmp_path: Path):
@@ -197,7 +204,7 @@ def test_both_folder_layouts_run(make_cfg, tmp_path: Path, csv_set: Path, json_s
         assert sorted(p.stem for p in (out / "images").iterdir()) == [
             f"ILSVRC2012_val_{i:08d}" for i in range(1, 6)
         ]
-        assert json.loads((out / "run.json").read_text())["data"]["layout"] == name
+        assert RunRecord.load(out).data.layout == name
         assert not (out / "results.csv").exists()  # targets=none: craft and save only
 
 
@@ -257,3 +264,16 @@ def test_bad_input_fails_before_any_work(
     with pytest.raises(UserError, match=match):
         run(cfg, output_dir=out)
     assert not out.exists()  # nothing written, nothing that looks like a result
+
+
+def test_skipped_unlabeled_images_are_counted_in_the_record(make_cfg, tmp_path: Path, csv_set):
+    write_images(tmp_path / "more", 7)
+    (tmp_path / "more" / "ILSVRC2012_val_00000007.png").rename(csv_set / "unlisted.png")
+    common = ("experiment=smoke", "data=folder", f"data.root={csv_set}", "attack.steps=1")
+    with pytest.raises(UserError, match="1 images .* have no label"):
+        run(make_cfg(*common, "targets=none"), output_dir=tmp_path / "refused")
+    record = run(
+        make_cfg(*common, "targets=none", "data.allow_unlabeled=true"), output_dir=tmp_path / "ok"
+    )
+    assert record.data.unlabeled_skipped == 1 and record.data.n_images == 5
+    assert RunRecord.load(tmp_path / "ok").data.unlabeled_skipped == 1

@@ -19,7 +19,8 @@ from tgr_bench import atomic
 from tgr_bench.data import read_image
 from tgr_bench.errors import UserError
 from tgr_bench.pipeline import run
-from tgr_bench.resume import MANIFEST, run_lock
+from tgr_bench.record import MANIFEST, RESULTS_CSV, RunRecord
+from tgr_bench.resume import run_lock
 
 SMOKE = ("experiment=smoke", "data.n=10", "batch_size=1", "attack.steps=10")
 
@@ -48,7 +49,8 @@ def test_sigkill_mid_crafting_then_resume_equals_an_uninterrupted_run(tmp_path: 
     proc.wait()
     done_before = manifest_entries(killed)
     assert 3 <= done_before < 10, "the kill must land mid-crafting"
-    assert not (killed / "results.csv").exists() and not (killed / "run.json").exists()
+    assert not (killed / RESULTS_CSV).exists()
+    assert RunRecord.load(killed).status == "running"  # a killed run never looks complete
     for png in (killed / "images").glob("*.png"):  # atomic renames: no PNG is partial
         read_image(png)
 
@@ -56,9 +58,10 @@ def test_sigkill_mid_crafting_then_resume_equals_an_uninterrupted_run(tmp_path: 
         cli(*SMOKE, f"hydra.run.dir={killed}"), cwd=tmp_path, capture_output=True, text=True
     )
     assert r.returncode == 0, r.stderr
-    record = json.loads((killed / "run.json").read_text())
-    assert record["crafting"]["resumed"] == done_before
-    assert record["crafting"]["attacked"] == 10 - done_before
+    record = RunRecord.load(killed)
+    assert record.status == "complete"
+    assert record.crafting.resumed == done_before
+    assert record.crafting.attacked == 10 - done_before
 
     r = subprocess.run(
         cli(*SMOKE, f"hydra.run.dir={clean}"), cwd=tmp_path, capture_output=True, text=True
@@ -78,7 +81,7 @@ def test_unverified_images_are_crafted_again(make_cfg, tmp_path: Path):
     (images / "synthetic_0002.png").unlink()
     (images / ".synthetic_0002.png.x1y2.tmp").write_bytes(b"half a png")  # a killed write
     record = run(cfg, output_dir=tmp_path / "a")
-    assert (record["crafting"]["resumed"], record["crafting"]["attacked"]) == (2, 2)
+    assert (record.crafting.resumed, record.crafting.attacked) == (2, 2)
     assert files(tmp_path / "a") == first
 
 
@@ -87,7 +90,7 @@ def test_resuming_with_other_settings_is_refused(make_cfg, tmp_path: Path):
         make_cfg("experiment=smoke", "data.n=2", "attack.steps=2", "targets=none"),
         output_dir=tmp_path,
     )
-    with pytest.raises(UserError, match="another configuration .*differs in: attack"):
+    with pytest.raises(UserError, match="another configuration .*differs in: params"):
         run(
             make_cfg("experiment=smoke", "data.n=2", "attack.steps=3", "targets=none"),
             output_dir=tmp_path,
@@ -97,7 +100,7 @@ def test_resuming_with_other_settings_is_refused(make_cfg, tmp_path: Path):
         make_cfg("experiment=smoke", "data.n=2", "attack.steps=2", "batch_size=1"),
         output_dir=tmp_path,
     )
-    assert record["crafting"]["resumed"] == 2 and (tmp_path / "results.csv").exists()
+    assert record.crafting.resumed == 2 and (tmp_path / "results.csv").exists()
 
 
 def test_same_command_same_default_directory(tmp_path: Path):
@@ -132,9 +135,11 @@ def test_shards_craft_every_image_once_and_match_the_unsharded_run(tmp_path: Pat
         assert not set(part) & set(merged)  # each image crafted once
         merged.update(part)
     assert merged == files(whole)
-    preds = pd.concat([pd.read_csv(s / "predictions.csv") for s in shards])
+    # Each shard is a run of its own (run_id); everything else per image is the same.
+    preds = pd.concat([pd.read_csv(s / "predictions.csv") for s in shards]).drop(columns="run_id")
     key = ["target", "stem"]
-    want = pd.read_csv(whole / "predictions.csv").sort_values(key, ignore_index=True)
+    whole_preds = pd.read_csv(whole / "predictions.csv").drop(columns="run_id")
+    want = whole_preds.sort_values(key, ignore_index=True)
     assert preds.sort_values(key, ignore_index=True).equals(want)
     counts = sum(
         pd.read_csv(s / "results.csv")[["n", "n_fooled", "n_clean_correct"]] for s in shards
@@ -172,11 +177,13 @@ def test_full_disk_while_saving_leaves_no_result(make_cfg, tmp_path: Path, monke
     monkeypatch.setattr(atomic.os, "fsync", fsync)
     with pytest.raises(UserError, match="No space left on device"):
         run(make_cfg("experiment=smoke", "data.n=6", "attack.steps=1"), output_dir=tmp_path)
-    assert not (tmp_path / "results.csv").exists() and not (tmp_path / "run.json").exists()
+    assert not (tmp_path / "results.csv").exists()
+    failed = RunRecord.load(tmp_path)
+    assert failed.status != "complete"  # the full disk may keep even the failure unrecorded
     assert not [p for p in (tmp_path / "images").iterdir() if not p.name.endswith(".png")]
     monkeypatch.undo()
     record = run(make_cfg("experiment=smoke", "data.n=6", "attack.steps=1"), output_dir=tmp_path)
-    assert record["crafting"]["resumed"] + record["crafting"]["attacked"] == 6
+    assert record.crafting.resumed + record.crafting.attacked == 6
 
 
 @pytest.mark.parametrize(
@@ -232,7 +239,7 @@ def test_run_json_records_determinism_settings(make_cfg, tmp_path: Path):
         make_cfg("experiment=smoke", "data.n=1", "attack.steps=1", "targets=none"),
         output_dir=tmp_path,
     )
-    assert record["determinism"]["tf32"] is False
+    assert record.determinism["tf32"] is False
     assert torch.backends.cuda.matmul.allow_tf32 is False
 
 
@@ -248,3 +255,16 @@ def test_full_disk_while_recording_in_the_manifest(tmp_path: Path, monkeypatch):
     monkeypatch.setattr(resume.os, "fsync", fsync)
     with pytest.raises(UserError, match="No space left on device.*re-run the same command"):
         manifest.add("a", b"png bytes")
+
+
+def test_a_run_killed_after_its_last_png_resumes_with_nothing_left_to_attack(make_cfg, tmp_path):
+    """Killed between the last PNG and the results: the re-run attacks nothing, and the
+    hooks' fired-count check (which needs an attack to have run) does not fail the run."""
+    cfg = make_cfg("experiment=smoke", "data.n=2", "attack=tgr", "attack.steps=1")
+    first = run(cfg, output_dir=tmp_path)
+    (tmp_path / "run.json").unlink()
+    (tmp_path / RESULTS_CSV).unlink()
+    again = run(cfg, output_dir=tmp_path)
+    assert (again.crafting.attacked, again.crafting.resumed) == (0, 2)
+    assert again.status == "complete" and (tmp_path / RESULTS_CSV).is_file()
+    assert first.crafting.hooks["tgr_fired"]["attn"] > 0

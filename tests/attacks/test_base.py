@@ -1,4 +1,4 @@
-"""The MI-FGSM loop against an independent step-by-step computation of tgr.md section 1."""
+"""The MI-FGSM loop against an independent step-by-step reading of docs/tgr.md section 1."""
 
 from __future__ import annotations
 

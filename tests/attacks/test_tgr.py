@@ -1,4 +1,4 @@
-"""TGR against tgr.md, on tiny random-weight variants of each of the four source families."""
+"""TGR against docs/tgr.md, on tiny random-weight variants of each source family."""
 
 from __future__ import annotations
 
@@ -8,67 +8,28 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import timm
 import torch
 
+from tests.attacks.support import capture
 from tests.conftest import cli
-from tgr_bench.architectures import (
+from tests.tiny import batch, grad_of, tiny
+from tgr_bench.attacks import TGR, Attack, build_attack
+from tgr_bench.attacks.architectures import (
     HEADS_PER_KEY,
-    INPUT,
     KEYS,
-    OUTPUT,
     ROWCOL,
-    SOFTMAX_INPUT,
     SPATIAL,
     TOKENS,
     bind_sites,
     family_of,
 )
-from tgr_bench.attacks import TGR, Attack, build_attack
-from tgr_bench.attacks import hooks as hooks_module
 from tgr_bench.attacks.tgr import regularize
 from tgr_bench.errors import UserError
 from tgr_bench.images import quantize
-from tgr_bench.models import PixelModel
 from tgr_bench.pipeline import run
 
-TINY = {  # the same kwargs as conf/source/test_*.yaml
-    "vit": ("vit_base_patch16_224", dict(depth=2, embed_dim=48, num_heads=3, img_size=64)),
-    "deit": (
-        "deit_base_distilled_patch16_224",
-        dict(depth=2, embed_dim=48, num_heads=3, img_size=64),
-    ),
-    "pit": ("pit_b_224", dict(base_dims=[8, 8, 8], heads=[2, 2, 2], depth=[2, 2, 1], img_size=64)),
-    "cait": (
-        "cait_s24_224",
-        dict(depth=2, embed_dim=32, num_heads=4, img_size=64, init_values=1.0),
-    ),
-    "visformer": (
-        "visformer_small",
-        dict(init_channels=8, embed_dim=48, depth=(1, 1, 1), num_heads=2, img_size=64),
-    ),
-}
 
-
-def tiny(family: str, seed: int = 0) -> PixelModel:
-    name, kwargs = TINY[family]
-    torch.manual_seed(seed)
-    net = timm.create_model(name, pretrained=False, **kwargs).eval()
-    return PixelModel(net, (0.5,) * 3, (0.25,) * 3, 64).eval().requires_grad_(False)
-
-
-def batch(n: int, seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return (torch.rand(n, 3, 64, 64, generator=g) * 255).round() / 255, torch.randint(
-        0, 1000, (n,), generator=g
-    )
-
-
-def grad_of(attack: Attack, model, x, y) -> torch.Tensor:
-    return attack.input_gradient(model, x, torch.zeros_like(x), y, 0, [0] * len(x))
-
-
-# ---- an independent, loop-by-loop reading of tgr.md section 2 ----------------------------------
+# ---- an independent, loop-by-loop reading of docs/tgr.md section 2 ---------------------------
 def extremes(values: torch.Tensor, k: int) -> set[int]:
     """k largest and k smallest; among equal values the first position, as numpy's argmax."""
     top = torch.sort(values, descending=True, stable=True).indices[:k]
@@ -225,25 +186,6 @@ def test_batch_equals_alone(family):
     assert torch.equal(png_together, png_alone)
 
 
-# ---- 4. the fired-count check and up-front errors ----------------------------------------------
-def test_fused_attention_left_on_is_caught(monkeypatch: pytest.MonkeyPatch):
-    model = tiny("vit")
-    assert any(getattr(m, "fused_attn", False) for m in model.modules())  # timm's default
-    monkeypatch.setattr(hooks_module, "set_fused_attn", lambda net, enabled: [])
-    attack = TGR()
-    with pytest.raises(UserError, match=r"\['attn'\] never fired"), attack.source_context(model):
-        pytest.fail("the context must refuse to start")
-
-
-def test_unsupported_source_lists_supported_families():
-    model = PixelModel(
-        timm.create_model("test_convnext", pretrained=False), (0.5,) * 3, (0.5,) * 3, 64
-    )
-    context = TGR().source_context(model)
-    with pytest.raises(UserError, match="supported families are vit .*pit .*cait .*visformer"):
-        context.__enter__()
-
-
 @pytest.mark.parametrize(
     "params,match",
     [
@@ -271,57 +213,7 @@ def test_k_larger_than_tokens_fails_before_any_work(make_cfg, tmp_path: Path):
     assert not out.exists()
 
 
-def test_unsupported_source_fails_before_any_work(make_cfg, tmp_path: Path):
-    cfg = make_cfg("experiment=smoke", "attack=tgr", "source=test_convnext", "targets=none")
-    with pytest.raises(UserError, match="does not support"):
-        run(cfg, output_dir=tmp_path / "out")
-    assert not (tmp_path / "out").exists()
-
-
 # ---- 5. the gradient reaching each regularized tensor's producer -------------------------------
-def capture(bound, log: dict):
-    """Hooks that record the gradient arriving at Z and the gradient that leaves Z for its
-    producer. Register them after the attack's (inside its context): for outputs, the tensor
-    hook sees the arriving gradient and the node pre-hook runs after the attack's edit."""
-    site, key = bound.site, bound.name
-
-    def arrive(g):
-        log.setdefault(key, {})["arrive"] = g.detach().clone()
-
-    def reach(grad_outputs):
-        log.setdefault(key, {})["reach"] = grad_outputs[0].detach().clone()
-
-    if site.where == OUTPUT:
-
-        def hook(module, args, out):
-            out.register_hook(arrive)
-            out.grad_fn.register_prehook(reach)
-
-        return bound.module.register_forward_hook(hook)
-    if site.where == SOFTMAX_INPUT:
-
-        def hook(module, args, p):
-            def at_p(gp):  # softmax backward from first principles: dS = P * (dP - <dP, P>)
-                arrive(p.detach() * (gp - (gp * p.detach()).sum(-1, keepdim=True)))
-
-            p.register_hook(at_p)
-            p.grad_fn.next_functions[0][0].register_prehook(reach)
-
-        return bound.module.register_forward_hook(hook, prepend=True)
-    assert site.where == INPUT
-
-    def pre(module, args):
-        args[0].grad_fn.register_prehook(reach)
-
-    def post(module, args, out):
-        out.grad_fn.register_hook(lambda gin, gout: arrive(gin[0]))
-
-    return [
-        bound.module.register_forward_pre_hook(pre, prepend=True),
-        bound.module.register_forward_hook(post, prepend=True),
-    ]
-
-
 @pytest.mark.parametrize("family", ["vit", "deit", "pit", "cait", "visformer"])
 @pytest.mark.parametrize("k", [1, 2])
 def test_gradient_at_every_site_is_the_spec_transform(family, k):
@@ -416,27 +308,6 @@ def test_cait_clean_variant():
         assert torch.equal(reach[f"mlp{i}"], arrive[f"mlp{i}"])
 
 
-# ---- full-size layouts: every block that has attention ----------------------------------------
-@pytest.mark.parametrize(
-    "name,variant,expected",
-    [
-        ("vit_base_patch16_224", "official", {"attn": 12, "qkv": 12, "mlp": 12}),
-        ("deit_base_distilled_patch16_224", "official", {"attn": 12, "qkv": 12, "mlp": 12}),
-        ("pit_b_224", "official", {"attn": 13, "qkv": 13, "mlp": 13}),
-        ("cait_s24_224", "official", {"attn": 25, "qkv": 26, "mlp": 25}),
-        ("cait_s24_224", "clean", {"attn": 26, "qkv": 28, "mlp": 24}),
-        ("visformer_small", "official", {"attn": 8, "qkv": 8, "mlp": 8}),
-    ],
-)
-def test_full_size_models_bind_every_attention_block(name, variant, expected):
-    with torch.device("meta"):
-        net = timm.create_model(name, pretrained=False)
-    counts: dict = {}
-    for b in bind_sites(net, family_of(net), variant):
-        counts[b.site.component] = counts.get(b.site.component, 0) + 1
-    assert counts == expected
-
-
 # ---- the CLI: hyper-parameters recorded, and a k sweep ------------------------------------------
 def test_cli_overrides_and_k_sweep(tmp_path: Path):
     sweep = tmp_path / "sweep"
@@ -464,7 +335,7 @@ def test_cli_overrides_and_k_sweep(tmp_path: Path):
     params = [pd.read_csv(p / "results.csv").params.iloc[0] for p in runs]
     assert [("k=1" in p, "k=2" in p) for p in params] == [(True, False), (False, True)]
     assert all("components=attn+qkv" in p and "gamma_mlp=0.25" in p for p in params)
-    fired = json.loads((runs[0] / "run.json").read_text())["crafting"]["tgr_fired"]
+    fired = json.loads((runs[0] / "run.json").read_text())["crafting"]["hooks"]["tgr_fired"]
     assert set(fired) == {"attn", "qkv"} and min(fired.values()) > 0
 
 

@@ -1,0 +1,116 @@
+"""tgr-bench-report as users run it: files written, real multiruns and folder evaluations."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests.conftest import cli
+from tests.report.fake import fake_run, identity, ok
+from tgr_bench.report.cells import collect
+from tgr_bench.report.cli import main as report
+from tgr_bench.report.tables import paper_table
+
+
+def test_report_cli_writes_files(tmp_path: Path, capsys):
+    runs = tmp_path / "runs"
+    fake_run(
+        runs,
+        "mi",
+        identity("vit_base", "mi"),
+        [ok("vit_base", 10), ok("pit_b", 4), ok("inc_v3", 3)],
+    )
+    fake_run(runs, "k2", identity("vit_base", "tgr", {"k": 2}), [ok("pit_b", 6), ok("inc_v3", 5)])
+    out = tmp_path / "out"
+    report([str(runs), "--out", str(out), "--groups", "vits"])
+    assert "inc_v3" not in (out / "table.md").read_text()
+    assert pd.read_csv(out / "table.csv").attack.tolist() == ["mi", "tgr"]
+    cells = pd.read_csv(out / "table_cells.csv")
+    assert cells.run_dirs.str.contains("k2").any()  # every cell traces to its run
+    with pytest.raises(SystemExit):
+        report([str(tmp_path / "nothing")])
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_collision_is_a_clean_error(tmp_path: Path, capsys):
+    fake_run(tmp_path, "a", identity("vit_base", "mi"), [ok("pit_b", 4)])
+    fake_run(tmp_path, "b", identity("vit_base", "mi"), [ok("pit_b", 4)])
+    with pytest.raises(SystemExit) as e:
+        report([str(tmp_path)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "tgr-bench-report: error: Two run directories" in err and "Traceback" not in err
+
+
+def test_smoke_multirun_over_k_gives_one_row_per_k(tmp_path: Path):
+    sweep = tmp_path / "sweep"
+    r = subprocess.run(
+        cli(
+            "-m",
+            "experiment=smoke",
+            "attack=tgr",
+            "attack.k=1,2",
+            "data.n=2",
+            "attack.steps=2",
+            f"hydra.sweep.dir={sweep}",
+        ),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    exe = Path(cli()[0]).with_name("tgr-bench-report")
+    r = subprocess.run(
+        [str(exe), str(sweep), "--out", str(tmp_path / "rep"), "--sweep", "k"],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    table = pd.read_csv(tmp_path / "rep" / "table.csv")
+    assert table.attack.tolist() == ["tgr k=1", "tgr k=2"]
+    assert (table.test_vit == "100.0*").all()
+    assert (tmp_path / "rep" / "sweep_k.png").is_file()
+
+
+def test_an_evaluation_of_many_folders_reports_each_folder(make_cfg, tmp_path: Path):
+    from tgr_bench.pipeline import run
+
+    common = ("experiment=smoke", "data.n=2", "attack.steps=1", "data.labels=random")
+    for attack in ("mi", "pna"):
+        run(make_cfg(*common, f"attack={attack}", "targets=none"), output_dir=tmp_path / attack)
+    evaluation = tmp_path / "eval"
+    r = subprocess.run(
+        cli(
+            *common,
+            f"adv_dir=[{tmp_path / 'mi' / 'images'},{tmp_path / 'pna' / 'images'}]",
+            f"hydra.run.dir={evaluation}",
+        ),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    table = paper_table(collect([evaluation]))
+    assert table.attack.tolist() == ["mi", "pna"] and set(table.source) == {"test_vit"}
+
+
+def test_bench_json_is_tabulated(tmp_path: Path):
+    bench = {
+        "device": "cpu (x86_64, 2 threads)",
+        "source": "vit_base",
+        "batch_size": 8,
+        "precision": "fp32",
+        "tgr_over_mi": 1.066,
+        "crafting": {"mi": {"images_per_s": 1.18}, "tgr": {"images_per_s": 1.1}},
+        "evaluation": {"inc_v3": {"images_per_s": 11.7}},
+    }
+    (tmp_path / "b.json").write_text(json.dumps(bench))
+    report(["--bench", str(tmp_path / "b.json"), "--out", str(tmp_path)])
+    assert (
+        "| cpu (x86_64, 2 threads) | vit_base | 8 | fp32 | mi 1.18, tgr 1.10 | 1.066 | "
+        "inc_v3 11.7 |"
+    ) in (tmp_path / "bench.md").read_text()

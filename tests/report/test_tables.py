@@ -1,0 +1,78 @@
+"""The paper's layout: row order and labels, white-box marks, group averages, Markdown and LaTeX."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.report.fake import fake_run, identity, ok
+from tgr_bench.report.cells import collect
+from tgr_bench.report.tables import markdown, paper_table
+from tgr_bench.report.writers import to_latex
+
+TARGETS = ("vit_base", "pit_b", "deit_b", "inc_v3", "res_v2_101")
+MISSING = ("res_v2_101", 0, 0, 0, 0, "missing checkpoint")
+
+
+@pytest.fixture
+def runs(tmp_path: Path) -> Path:
+    root = tmp_path / "multirun"
+    fake_run(
+        root,
+        "a",
+        identity("vit_base", "mi"),
+        [ok("vit_base", 10), ok("pit_b", 4), ok("deit_b", 6), ok("inc_v3", 3), MISSING],
+    )
+    for k, base in ((1, 7), (2, 5)):
+        fake_run(
+            root,
+            f"tgr_k{k}",
+            identity("vit_base", "tgr", {"k": k}),
+            [
+                ok("vit_base", 10),
+                ok("pit_b", base),
+                ok("deit_b", base + 2),
+                ok("inc_v3", base - 1),
+                MISSING,
+            ],
+        )
+    fake_run(root, "pna_dead", identity("vit_base", "pna"), None, targets=list(TARGETS))
+    return root
+
+
+def test_paper_table_text(runs: Path):
+    table = paper_table(collect([runs]))
+    assert list(table.columns) == [
+        "source",
+        "attack",
+        *TARGETS,
+        "avg ViTs",
+        "avg CNNs",
+        "run_dirs",
+    ]
+    assert table.attack.tolist() == ["mi", "pna", "tgr k=1", "tgr k=2"]  # the paper's order
+    mi = table.iloc[0].tolist()
+    assert mi[:9] == [
+        "vit_base",
+        "mi",
+        "100.0*",
+        "40.0",
+        "60.0",
+        "30.0",
+        "n/a",
+        "50.0",
+        "30.0 (1/2)",
+    ]
+    tgr1 = table[table.attack == "tgr k=1"].iloc[0]
+    assert (tgr1["pit_b"], tgr1["avg ViTs"], tgr1["avg CNNs"]) == ("70.0", "80.0", "60.0 (1/2)")
+    pna = table[table.attack == "pna"].iloc[0]  # a failed run keeps its label, never None
+    assert pna["vit_base"] == "failed" and pna["avg ViTs"] == "-"
+    assert pna["run_dirs"].endswith("pna_dead")
+    md = markdown(table)
+    assert "| vit_base | mi | 100.0* | 40.0 | 60.0 | 30.0 | n/a | 50.0 | 30.0 (1/2) |" in md
+    assert "white-box" in md and "pna_dead" in md
+    tex = to_latex(table.drop(columns="run_dirs"))
+    assert (
+        r"vit\_base & tgr k=2 & 100.0$^*$ & 50.0 & 70.0 & 40.0 & n/a & 60.0 & 40.0 (1/2) \\" in tex
+    )
