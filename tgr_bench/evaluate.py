@@ -30,12 +30,25 @@ def predict(
     device: torch.device,
     on_batch: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
-    """Top-1 classes for (N,3,H,W) uint8 images, computed in inference mode, returned on CPU."""
+    """Top-1 classes for (N,3,H,W) uint8 images, computed in inference mode, returned on CPU.
+
+    A batch that runs out of GPU memory is retried at half the size (what `eval_batch_size=auto`
+    relies on).
+    """
     preds = []
+    start = 0
     with torch.inference_mode():
-        for start in range(0, len(images), batch_size):
+        while start < len(images):
             chunk = images[start : start + batch_size].to(device, non_blocking=True)
-            preds.append(model(chunk.float().div_(255.0)).argmax(dim=1))
+            try:
+                preds.append(model(chunk.float().div_(255.0)).argmax(dim=1))
+            except torch.cuda.OutOfMemoryError:
+                if batch_size == 1:
+                    raise
+                batch_size = max(1, batch_size // 2)
+                torch.cuda.empty_cache()
+                continue
+            start += len(chunk)
             if on_batch is not None:
                 on_batch(len(chunk))
     return torch.cat(preds).cpu() if preds else torch.empty(0, dtype=torch.int64)

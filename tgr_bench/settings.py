@@ -12,7 +12,9 @@ import torch
 from tgr_bench.errors import UserError
 
 PRECISIONS = ("fp32", "tf32", "bf16")
-AUTO_BATCH = {"cuda": 128, "cpu": 16}  # first try of batch_size=auto; halved on out-of-memory
+# First tries of batch_size=auto and eval_batch_size=auto; halved on out-of-memory.
+AUTO_BATCH = {"cuda": 128, "cpu": 16}
+AUTO_EVAL_BATCH = {"cuda": 256, "cpu": 64}
 
 
 def resolve_device(name: Any) -> torch.device:
@@ -64,7 +66,11 @@ class Runtime:
             batch_size=positive_int(
                 "batch_size", cfg.get("batch_size", 16), AUTO_BATCH.get(device.type, 16)
             ),
-            eval_batch_size=positive_int("eval_batch_size", cfg.get("eval_batch_size", 64)),
+            eval_batch_size=positive_int(
+                "eval_batch_size",
+                cfg.get("eval_batch_size", 64),
+                AUTO_EVAL_BATCH.get(device.type, 64),
+            ),
             cache_dir=cfg.get("cache_dir"),
         )
 

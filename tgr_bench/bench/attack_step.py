@@ -1,29 +1,42 @@
-"""Seconds per attack step for `mi` and `tgr` on one source, and the tgr/mi ratio.
+"""Seconds per attack step for several attacks on one source, their repetitions interleaved,
+and each one's cost relative to MI.
 
 Usage:
-    python scripts/bench_attack.py --source vit_base --batch-size 8 --device cpu
-    python scripts/bench_attack.py --source vit_base --batch-size 32 --device cuda --reps 10
+    python -m tgr_bench.bench.attack_step --source vit_base --batch-size 8 --device cpu
+    python -m tgr_bench.bench.attack_step --attacks mi,tgr,tgr:attn,tgr:qkv,tgr:mlp --reps 5
 
-Weights are random (timing does not depend on them): `--source` is a key of conf/source/
-(its architecture, kwargs and input size) or a timm model name. Each repetition runs a full
-attack of `--steps` steps on one batch after `--warmup` untimed ones; the median is reported.
-TGR's one-off probe (entering its context) is outside the timed region. scripts/bench.py
-measures the whole pipeline.
+Weights are random (timing does not depend on them): `--source` is a catalogue key (its
+architecture, kwargs and input size) or a timm model name. `tgr:qkv` is TGR with only that
+component, for a per-component profile. Each repetition runs a full attack of `--steps` steps
+on one batch; the attacks' repetitions are interleaved and the median is reported. Probes
+(entering the attack's context) are not timed. `python -m tgr_bench.bench.throughput` measures
+the whole pipeline; `python -m tgr_bench.bench.gpu_check` is the GPU proof.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import platform
 from pathlib import Path
 
 import torch
 
-from tgr_bench.attacks import build_attack
-from tgr_bench.bench.timing import random_model, summary, time_attack
+from tgr_bench.attacks import Attack, build_attack
+from tgr_bench.bench.timing import random_model, summary, time_interleaved
+from tgr_bench.settings import Runtime
 
 
-def main() -> None:
+def attack_of(name: str, steps: int) -> Attack:
+    """`tgr` or `tgr:qkv` (TGR with one component) as an attack of `steps` steps."""
+    base, _, component = name.partition(":")
+    cfg: dict = {"name": base, "steps": steps}
+    if component:
+        cfg["components"] = component.split("+")
+    return build_attack(cfg)
+
+
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--source", default="vit_base")
     p.add_argument("--batch-size", type=int, default=8)
@@ -33,38 +46,43 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--attacks", default="mi,tgr")
     p.add_argument("--json", type=Path, help="also write the results here")
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     device = torch.device(args.device)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    Runtime(device=device).apply()  # exact fp32, as runs default to
     spec, model = random_model(args.source, device)
     g = torch.Generator().manual_seed(0)
     x = torch.rand(args.batch_size, 3, 224, 224, generator=g).to(device)
     y = torch.randint(0, 1000, (args.batch_size,), generator=g).to(device)
-
+    names = args.attacks.split(",")
+    times = time_interleaved(
+        {n: attack_of(n, args.steps) for n in names}, model, x, y, args.reps, args.warmup
+    )
     result = {
         "source": args.source,
         "model": spec.model,
         "batch_size": args.batch_size,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({platform.processor() or platform.machine()})",
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "seconds_per_step": {},
     }
-    for name in args.attacks.split(","):
-        attack = build_attack({"name": name, "steps": args.steps})
-        times = [t / args.steps for t in time_attack(attack, model, x, y, args.reps, args.warmup)]
-        s = summary(times)
+    for name in names:
+        s = summary([t / args.steps for t in times[name]])
         result["seconds_per_step"][name] = s["median"]
         print(
-            f"{name:>4}: {s['median']:.4f} s/step (median of {s['reps']}; "
+            f"{name:>10}: {s['median']:.4f} s/step (median of {s['reps']}; "
             f"min {s['min']:.4f}, max {s['max']:.4f})"
         )
     sps = result["seconds_per_step"]
-    if "mi" in sps and "tgr" in sps:
-        result["tgr_over_mi"] = sps["tgr"] / sps["mi"]
-        print(f"tgr/mi = {result['tgr_over_mi']:.3f}")
+    if "mi" in sps:
+        result["over_mi"] = {n: sps[n] / sps["mi"] for n in names if n != "mi"}
+        for n, ratio in result["over_mi"].items():
+            print(f"{n}/mi = {ratio:.3f}")
+        if "tgr" in sps:
+            result["tgr_over_mi"] = result["over_mi"]["tgr"]
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     print(json.dumps(result))

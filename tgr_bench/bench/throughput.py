@@ -12,6 +12,7 @@ conf/source/ or timm model names. Each timing is the median of `--reps` repetiti
 `--warmup` untimed ones. The JSON (stdout, and `--json FILE`) is one object; `tgr_over_mi` is
 the ratio of seconds per image. `--precision-check` runs the offline smoke experiment in fp32,
 tf32 and bf16 and reports how many PNG pixels and success rates differ from fp32.
+`--components` also times TGR with one component at a time and reports each one's cost over MI.
 """
 
 from __future__ import annotations
@@ -25,29 +26,38 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from tgr_bench.attacks import build_attack
+from tgr_bench.bench.attack_step import attack_of
 from tgr_bench.bench.timing import (
     peak_memory_mb,
     random_model,
     reset_peak,
     summary,
     time_attack,
+    time_interleaved,
     time_predict,
 )
 from tgr_bench.data import read_image
 from tgr_bench.record import IMAGES_DIR, RESULTS_CSV
+from tgr_bench.settings import Runtime
 
 
 def bench_crafting(args: argparse.Namespace, device: torch.device) -> dict:
+    """images/s per attack (repetitions interleaved across attacks), then each one's peak
+    memory from one more, untimed, attack."""
     spec, model = random_model(args.source, device, args.precision)
     g = torch.Generator().manual_seed(0)
     x = torch.rand(args.batch_size, 3, 224, 224, generator=g).to(device)
     y = torch.randint(0, 1000, (args.batch_size,), generator=g).to(device)
+    names = args.attacks.split(",")
+    if args.components:
+        names += [f"tgr:{c}" for c in ("attn", "qkv", "mlp") if f"tgr:{c}" not in names]
+    attacks = {name: attack_of(name, args.steps) for name in names}
+    times = time_interleaved(attacks, model, x, y, args.reps, args.warmup)
     out = {}
-    for name in args.attacks.split(","):
-        attack = build_attack({"name": name, "steps": args.steps})
+    for name, attack in attacks.items():
+        s = summary(times[name])
         reset_peak(device)
-        s = summary(time_attack(attack, model, x, y, args.reps, args.warmup))
+        time_attack(attack, model, x, y, reps=1, warmup=0)
         out[name] = {
             "images_per_s": args.batch_size / s["median"],
             "seconds_per_batch": s,
@@ -127,7 +137,7 @@ def cpu_name() -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--source", default="vit_base")
     p.add_argument("--attacks", default="mi,tgr")
@@ -141,12 +151,14 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--precision-check", action="store_true")
+    p.add_argument(
+        "--components", action="store_true", help="also time TGR with one component at a time"
+    )
     p.add_argument("--json", type=Path)
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     device = torch.device(args.device)
-    torch.backends.cuda.matmul.allow_tf32 = args.precision == "tf32"
-    torch.backends.cudnn.allow_tf32 = args.precision == "tf32"
+    Runtime(device=device, precision=args.precision).apply()
     result: dict = {
         "source": args.source,
         "batch_size": args.batch_size,
@@ -157,12 +169,23 @@ def main() -> None:
         "crafting": bench_crafting(args, device),
     }
     craft = result["crafting"]
-    if "mi" in craft and "tgr" in craft:
-        result["tgr_over_mi"] = craft["mi"]["images_per_s"] / craft["tgr"]["images_per_s"]
-        print(
-            f"tgr/mi cost = {result['tgr_over_mi']:.3f} "
-            f"(tgr at {100 / result['tgr_over_mi']:.0f}% of mi's images/s)"
-        )
+    if "mi" in craft:
+        mi = craft["mi"]["seconds_per_step"]
+        cost = {n: c["seconds_per_step"] / mi for n, c in craft.items() if n != "mi"}
+        result["over_mi"] = cost
+        if "tgr" in cost:
+            result["tgr_over_mi"] = cost["tgr"]
+            print(
+                f"tgr/mi cost = {cost['tgr']:.3f} "
+                f"(tgr at {100 / cost['tgr']:.0f}% of mi's images/s)"
+            )
+        parts = {n.split(":")[1]: v - 1 for n, v in cost.items() if n.startswith("tgr:")}
+        if parts:
+            result["tgr_component_cost"] = parts
+            print(
+                "tgr per component, over mi: "
+                + ", ".join(f"{c} {100 * v:+.1f}%" for c, v in parts.items())
+            )
     if args.targets:
         result["evaluation"] = bench_eval(args, device)
     if args.precision_check:

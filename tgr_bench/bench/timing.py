@@ -65,6 +65,28 @@ def time_attack(
         return timed(lambda: attack.perturb(model, x, y, seeds), x.device, reps, warmup)
 
 
+def time_interleaved(
+    attacks: dict[str, Attack],
+    model: PixelModel,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    reps: int,
+    warmup: int,
+) -> dict[str, list[float]]:
+    """Seconds per full attack for several attacks, their repetitions interleaved (a b a b ...)
+    so that drifts of the machine hit all of them alike. Each repetition enters the attack's
+    source context afresh (its probe is not timed), so attacks never see each other's hooks."""
+    seeds = list(range(len(x)))
+    times: dict[str, list[float]] = {name: [] for name in attacks}
+    for i in range(warmup + reps):
+        for name, attack in attacks.items():
+            with attack.source_context(model):
+                (t,) = timed(lambda a=attack: a.perturb(model, x, y, seeds), x.device, 1, 0)
+            if i >= warmup:
+                times[name].append(t)
+    return times
+
+
 def time_predict(
     model: PixelModel,
     images: torch.Tensor,

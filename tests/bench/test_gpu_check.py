@@ -1,0 +1,45 @@
+"""The GPU check's --quick mode: the same code paths as on a GPU, tiny models on the CPU, run
+through the shell script a GPU session runs, so neither can rot unnoticed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_quick_check_writes_every_section(tmp_path: Path):
+    out = tmp_path / "check"
+    env = {**os.environ, "PYTHON": sys.executable}
+    r = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "gpu_check.sh"), str(out), "--quick"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads((out / "gpu_check.json").read_text())
+    assert {"device", "crafting", "tgr_over_mi", "evaluation", "determinism"} <= set(data)
+    assert data["skipped"] == [] and data["profile"] == "quick"
+    assert set(data["crafting"]) == {"mi", "vmi", "sgm", "pna", "tgr", "tgr_patchout"}
+    for per_precision in data["crafting"].values():
+        assert set(per_precision) == {"fp32", "tf32", "bf16"}
+        for case in per_precision.values():
+            assert case["images_per_s"] > 0 and case["peak_memory_mb"] > 0
+    assert set(data["tgr_over_mi"]) == {"fp32", "tf32", "bf16"}
+    assert set(data["families"]) == {"vit", "deit", "pit", "cait", "visformer"}
+    assert all(row["batch_speedup"] > 0 for row in data["families"].values())
+    assert set(data["evaluation"]) == {"test_vit", "test_convnext", "test_efficientnet"}
+    assert data["evaluation"]["test_vit"]["fused_attention"] is True
+    assert data["paper_workload"]["images"] == 1000
+    for attack in ("tgr", "mi"):
+        assert data["determinism"][attack]["identical"] is True
+        assert data["determinism"][attack]["images"] == 2
+    md = (out / "gpu_check.md").read_text()
+    for heading in ("## Crafting", "## TGR per source family", "## Evaluation", "## Determinism"):
+        assert heading in md
