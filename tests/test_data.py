@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from tests.conftest import write_images
-from tgr_bench.data import load_adversarial, load_folder, read_image
+from tgr_bench.data import adversarial_pixels, load_folder, read_image
 from tgr_bench.errors import UserError
 
 
@@ -20,9 +20,10 @@ def test_csv_layout(csv_set: Path):
     assert data.layout == "csv"
     assert data.stems == [f"ILSVRC2012_val_{i:08d}" for i in range(1, 6)]
     assert data.labels.tolist() == [0, 37, 74, 111, 148]
-    assert data.images.shape == (5, 3, 64, 64) and data.images.dtype == torch.uint8
+    images = data.load()
+    assert images.shape == (5, 3, 64, 64) and images.dtype == torch.uint8 and data.size == (64, 64)
     # The stored pixels, unchanged.
-    assert torch.equal(data.images[2], read_image(csv_set / f"{data.stems[2]}.png"))
+    assert torch.equal(images[2], read_image(csv_set / f"{data.stems[2]}.png"))
 
 
 def test_json_layout_with_labels_one_level_above(json_set: Path):
@@ -63,6 +64,17 @@ def test_truncated_image_is_named(csv_set: Path):
     victim = csv_set / "ILSVRC2012_val_00000003.png"
     victim.write_bytes(victim.read_bytes()[:200])
     with pytest.raises(UserError, match="ILSVRC2012_val_00000003.png"):
+        load_folder(csv_set)
+
+
+def test_damage_inside_a_png_is_found_when_the_set_loads(csv_set: Path):
+    """Checked up front without decoding any pixels: a flipped byte in the compressed data
+    fails its chunk checksum, so the run stops before any attack work, naming the file."""
+    victim = csv_set / "ILSVRC2012_val_00000004.png"
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="Cannot read image .*ILSVRC2012_val_00000004.png"):
         load_folder(csv_set)
 
 
@@ -141,6 +153,11 @@ def test_adversarial_folder_must_cover_every_clean_image(csv_set: Path, tmp_path
     adv = tmp_path / "adv"
     write_images(adv, 4)
     with pytest.raises(UserError, match="1 of 5 clean images have no adversarial image"):
-        load_adversarial(adv, clean)
+        adversarial_pixels(adv, clean)
     write_images(adv, 5)
-    assert load_adversarial(adv, clean).shape == clean.images.shape
+    pixels = adversarial_pixels(adv, clean)
+    assert pixels.load(range(5)).shape == clean.load().shape
+    assert torch.equal(pixels.load([2])[0], read_image(adv / f"{clean.stems[2]}.png"))
+    write_images(adv, 5, size=32)  # now the wrong size
+    with pytest.raises(UserError, match="is 32x32, its clean image is 64x64"):
+        adversarial_pixels(adv, clean)

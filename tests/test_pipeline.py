@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -54,7 +56,7 @@ def test_smoke_experiment_end_to_end(make_cfg, tmp_path: Path):
     pngs = sorted((out / "images").glob("*.png"))
     assert [p.stem for p in pngs] == clean.stems
     adv = torch.stack([read_image(p) for p in pngs])
-    diff = (adv.int() - clean.images.int()).abs()
+    diff = (adv.int() - clean.load().int()).abs()
     assert diff.max() <= 16 and diff.float().mean() > 4  # within eps, and really perturbed
 
     df = pd.read_csv(out / "results.csv")
@@ -66,7 +68,7 @@ def test_smoke_experiment_end_to_end(make_cfg, tmp_path: Path):
     # Smoke labels are the source's clean predictions, and the white-box target is the source.
     assert (white.clean_acc, white.asr, white.asr_on_correct) == (100.0, 100.0, 100.0)
     for row in df[~df.white_box].itertuples():
-        clean_pred = predict_independently(nets[row.target], clean.images)
+        clean_pred = predict_independently(nets[row.target], clean.load())
         adv_pred = predict_independently(nets[row.target], adv)
         assert row.n == 8
         assert row.asr == pytest.approx(100 * (adv_pred != clean.labels).float().mean().item())
@@ -277,3 +279,28 @@ def test_skipped_unlabeled_images_are_counted_in_the_record(make_cfg, tmp_path: 
     )
     assert record.data.unlabeled_skipped == 1 and record.data.n_images == 5
     assert RunRecord.load(tmp_path / "ok").data.unlabeled_skipped == 1
+
+
+def _peak_rss_mb(n: int, tmp_path: Path) -> float:
+    """Peak resident memory of a whole run on n synthetic 224x224 images, in a fresh process."""
+    code = (
+        "import resource, sys\n"
+        "from hydra import compose, initialize_config_module\n"
+        "from tgr_bench.pipeline import run\n"
+        "with initialize_config_module('tgr_bench.conf', version_base='1.3'):\n"
+        "    cfg = compose('config', overrides=['experiment=smoke', 'data.n=' + sys.argv[1],\n"
+        "        'data.labels=random', 'attack.steps=1', 'batch_size=16', 'cache_dir=null'])\n"
+        "run(cfg, output_dir=sys.argv[2])\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+    )
+    args = [sys.executable, "-c", code, str(n), str(tmp_path / f"n{n}")]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return int(r.stdout.split()[-1]) / 1024
+
+
+def test_peak_memory_does_not_grow_with_the_number_of_images(tmp_path: Path):
+    """Pixels live only for the batches in flight: ten times the images, about the same peak
+    (the run before streaming grew by about 2 MB per image)."""
+    small, large = _peak_rss_mb(30, tmp_path), _peak_rss_mb(300, tmp_path)
+    assert large - small < 120, (small, large)

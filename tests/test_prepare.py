@@ -43,7 +43,7 @@ def test_build_is_deterministic_and_checks_out(tmp_path: Path, capsys):
     assert [p.name for p in a] == [p.name for p in sorted((tmp_path / "b").iterdir())]
     assert all(p.read_bytes() == (tmp_path / "b" / p.name).read_bytes() for p in a)
     data = load_folder(tmp_path / "a")
-    assert len(data) == 3 and data.images.shape[1:] == (3, 224, 224)
+    assert len(data) == 3 and data.size == (224, 224)
     assert data.labels.tolist() == [0, 1, 2]
     labels = pd.read_csv(tmp_path / "a" / "labels.csv")
     # One image per class, chosen among that class's files.

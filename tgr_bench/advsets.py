@@ -6,17 +6,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from tgr_bench.data import ImageSet, load_adversarial
+from tgr_bench.data import ImageSet, adversarial_pixels
 from tgr_bench.errors import UserError
+from tgr_bench.images import linf_levels
+from tgr_bench.pixels import Pixels, batches
 from tgr_bench.record import IMAGES_DIR, AdvSetInfo, RunRecord, digest
 
 
 @dataclass
 class AdvSet:
     info: AdvSetInfo
-    images: torch.Tensor  # (N,3,H,W) uint8, aligned with the clean set
+    pixels: Pixels  # aligned with the clean set, decoded on demand
 
 
 def describe_folder(folder: str | Path) -> AdvSetInfo:
@@ -49,4 +49,18 @@ def describe_folder(folder: str | Path) -> AdvSetInfo:
 
 
 def load_sets(infos: list[AdvSetInfo], data: ImageSet) -> list[AdvSet]:
-    return [AdvSet(info, load_adversarial(info.folder, data)) for info in infos]
+    """Every folder checked against the clean set (present, readable, same size)."""
+    return [AdvSet(info, adversarial_pixels(info.folder, data)) for info in infos]
+
+
+def linf_levels_max(data: ImageSet, sets: list[AdvSet], batch_size: int = 64) -> int:
+    """The largest |adversarial - clean| over every pixel of every set, read back from the
+    files: the saved PNGs, not what the attack meant to save, are checked against eps."""
+    worst = 0
+    for s in sets:
+        adv = batches(s.pixels, range(len(data)), batch_size)
+        for (_, clean), (_, saved) in zip(
+            batches(data.pixels, range(len(data)), batch_size), adv, strict=True
+        ):
+            worst = max(worst, linf_levels(saved, clean))
+    return worst

@@ -15,8 +15,10 @@ from tgr_bench.atomic import atomic_write
 from tgr_bench.attacks import Attack
 from tgr_bench.data import ImageSet
 from tgr_bench.errors import UserError
-from tgr_bench.images import encode_png, quantize
+from tgr_bench.images import PNG_COMPRESS_LEVEL, encode_png, quantize_with_linf
 from tgr_bench.models import LoadedModel
+from tgr_bench.pixels import WORKERS as WRITERS
+from tgr_bench.pixels import batches
 from tgr_bench.record import CraftStats
 from tgr_bench.resume import Manifest
 
@@ -30,24 +32,55 @@ def image_seeds(stems: list[str], seed: int) -> list[int]:
 
 
 class PngWriter:
-    """Encode and atomically write PNGs on worker threads, then add them to the manifest: the
-    device never waits for zlib or the disk. The first error is raised on the next call."""
+    """Encode and write PNGs on worker threads, off the device's critical path, then record them
+    in the manifest. At most `max_pending` images wait (backpressure: a slow disk slows the
+    attack down instead of filling memory). Manifest lines are appended in groups, each only
+    after its PNGs are renamed into place; a kill loses at most the unrecorded ones, which the
+    re-run crafts again. The first error is raised on the next call."""
 
-    def __init__(self, images_dir: Path, manifest: Manifest, workers: int = 2) -> None:
+    def __init__(
+        self,
+        images_dir: Path,
+        manifest: Manifest,
+        workers: int = WRITERS,
+        max_pending: int = 64,
+        record_every: int = 16,
+    ) -> None:
         self.images_dir = images_dir
         self.manifest = manifest
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="png")
         self.lock = threading.Lock()
+        self.slots = threading.BoundedSemaphore(max_pending)
+        self.record_every = record_every
         self.pending: list[Future[None]] = []
+        self.inflight = 0  # submitted, not yet saved
+        self.written: list[tuple[str, bytes]] = []  # saved, not yet in the manifest
 
     def _write(self, stem: str, image: torch.Tensor) -> None:
-        png = encode_png(image)
-        atomic_write(self.images_dir / f"{stem}.png", png)
-        with self.lock:  # a manifest line only after its PNG is in place
-            self.manifest.add(stem, png)
+        try:
+            png = encode_png(image)
+            # No fsync: resume re-checks every PNG against its manifest hash, so a file lost
+            # to a crash is crafted again; the rename keeps a partial file from ever showing.
+            atomic_write(self.images_dir / f"{stem}.png", png, durable=False)
+            with self.lock:
+                self.written.append((stem, png))
+                # A group, or everything saved so far when nothing else is being written.
+                if len(self.written) >= self.record_every or self.inflight == 1:
+                    self._record()
+        finally:
+            with self.lock:
+                self.inflight -= 1
+            self.slots.release()
+
+    def _record(self) -> None:
+        self.manifest.add_many(self.written)
+        self.written = []
 
     def submit(self, stem: str, image: torch.Tensor) -> None:
         self.raise_errors()
+        self.slots.acquire()
+        with self.lock:
+            self.inflight += 1
         self.pending.append(self.pool.submit(self._write, stem, image))
 
     def raise_errors(self) -> None:
@@ -65,6 +98,9 @@ class PngWriter:
                 f.result()
         finally:
             self.pool.shutdown(wait=True, cancel_futures=True)
+            with self.lock:
+                if self.written:
+                    self._record()
 
 
 def craft(
@@ -81,10 +117,10 @@ def craft(
 ) -> CraftStats:
     """Attack every image not yet saved and verified, writing `<stem>.png` into images_dir.
 
-    Call inside `attack.source_context(source.model)`. A batch that runs out of GPU memory is
-    retried at half the size (results do not depend on the batch). Each PNG is renamed into
-    place before its manifest line is written: a kill at any moment loses at most the images
-    in flight.
+    Call inside `attack.source_context(source.model)`. Clean batches are decoded ahead on
+    worker threads; a batch that runs out of GPU memory is retried in halves (results do not
+    depend on the batch). Each PNG is renamed into place before its manifest line is written:
+    a kill at any moment loses at most the images in flight.
     """
     images_dir.mkdir(parents=True, exist_ok=True)
     for stale in images_dir.glob(".*.tmp"):  # a killed run's unfinished writes (we hold the lock)
@@ -98,35 +134,45 @@ def craft(
     task = progress.add_task(
         f"crafting {attack.label} on {source.spec.key}", total=len(data), completed=len(done)
     )
-    writer = PngWriter(images_dir, manifest)
+    writer = PngWriter(images_dir, manifest, max_pending=max(64, 2 * batch_size))
     pin = device.type == "cuda"
+    worst = 0
     try:
-        start = 0
-        while start < len(todo):
-            idx = todo[start : start + batch_size]
-            clean_cpu = data.images[idx]
-            clean = (clean_cpu.pin_memory() if pin else clean_cpu).to(device, non_blocking=True)
-            try:
-                adv = attack.perturb(
-                    source.model,
-                    clean.float() / 255.0,
-                    data.labels[idx].to(device),
-                    [seeds[i] for i in idx],
-                )
-            except torch.cuda.OutOfMemoryError:
-                if batch_size == 1:
-                    raise UserError(
-                        f"{source.spec.key} with {attack.label} does not fit in GPU memory even "
-                        f"at batch size 1; free the GPU or use a smaller source."
-                    ) from None
-                batch_size = max(1, batch_size // 2)
-                torch.cuda.empty_cache()
-                log.warning("Out of GPU memory: crafting batch size lowered to %d", batch_size)
-                continue
-            for i, img in zip(idx, quantize(adv, clean, attack.eps_levels).cpu(), strict=True):
-                writer.submit(data.stems[i], img)
-            progress.advance(task, len(idx))
-            start += len(idx)
+        for chunk, decoded in batches(data.pixels, todo, batch_size):
+            start = 0
+            while start < len(chunk):  # the chunk in pieces of batch_size (halved on OOM)
+                idx = chunk[start : start + batch_size]
+                clean_cpu = decoded[start : start + len(idx)]
+                clean = (clean_cpu.pin_memory() if pin else clean_cpu).to(device, non_blocking=True)
+                try:
+                    adv = attack.perturb(
+                        source.model,
+                        clean.float() / 255.0,
+                        data.labels[idx].to(device),
+                        [seeds[i] for i in idx],
+                    )
+                except torch.cuda.OutOfMemoryError:
+                    if batch_size == 1:
+                        raise UserError(
+                            f"{source.spec.key} with {attack.label} does not fit in GPU memory "
+                            f"even at batch size 1; free the GPU or use a smaller source."
+                        ) from None
+                    batch_size = max(1, batch_size // 2)
+                    torch.cuda.empty_cache()
+                    log.warning("Out of GPU memory: crafting batch size lowered to %d", batch_size)
+                    continue
+                saved, linf = quantize_with_linf(adv, clean, attack.eps_levels)
+                worst = max(worst, linf)
+                for i, img in zip(idx, saved.cpu(), strict=True):
+                    writer.submit(data.stems[i], img)
+                progress.advance(task, len(idx))
+                start += len(idx)
     finally:
         writer.close()
-    return CraftStats(attacked=len(todo), resumed=len(done), batch_size=batch_size)
+    return CraftStats(
+        attacked=len(todo),
+        resumed=len(done),
+        batch_size=batch_size,
+        png_compress_level=PNG_COMPRESS_LEVEL,
+        linf_levels_max=worst,
+    )

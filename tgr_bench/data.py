@@ -1,7 +1,9 @@
 """Clean image sets: the TGR json layout, a folder with labels.csv, or synthetic images.
 
-Every image is decoded when the set is loaded, so an unreadable file stops the run before any
-attack work, with the file named.
+A set is a small record per image (name, label, file and its sha256) plus a `Pixels` source
+that decodes batches on demand (pixels.py). Every file is opened and checked when the set is
+loaded (header, mode, size, integrity), so a bad file stops the run before any attack work,
+with the file named, while no image is decoded until a batch needs it.
 """
 
 from __future__ import annotations
@@ -10,16 +12,16 @@ import csv
 import hashlib
 import json
 import logging
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 
 from tgr_bench.errors import UserError
+from tgr_bench.pixels import FilePixels, Pixels, SyntheticPixels, inspect_files, read_image
+
+__all__ = ["DataSpec", "ImageSet", "load_dataset", "load_folder", "read_image", "synthetic"]
 
 log = logging.getLogger(__name__)
 
@@ -105,11 +107,13 @@ class DataSpec:
 class ImageSet:
     stems: list[str]
     labels: torch.Tensor  # (N,) int64, 0-based ImageNet-1k classes
-    images: torch.Tensor  # (N, 3, H, W) uint8, the stored pixels
+    pixels: Pixels  # decodes the stored pixels of any images, by index, on demand
     root: str | None
     layout: str
+    size: tuple[int, int]  # (height, width) of every image
     shard: str | None = None  # "i/N" when this is one shard of a larger set
     unlabeled_skipped: int = 0
+    file_sha256: list[str] | None = None  # folder sets: each file's hash, from the check
     _digest: str | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
@@ -117,36 +121,37 @@ class ImageSet:
 
     @property
     def digest(self) -> str:
-        """sha256 of the pixels, labels and names: what the images of a run are crafted from."""
+        """sha256 of what the images of a run are crafted from: names, labels and each file's
+        bytes (synthetic sets: the parameters that generate their pixels)."""
         if self._digest is None:
-            h = hashlib.sha256(self.images.numpy().tobytes())
+            h = hashlib.sha256("\n".join(self.stems).encode())
             h.update(self.labels.numpy().tobytes())
-            h.update("\n".join(self.stems).encode())
+            if self.file_sha256 is not None:
+                h.update("\n".join(self.file_sha256).encode())
+            else:
+                assert isinstance(self.pixels, SyntheticPixels)
+                h.update(self.pixels.low.numpy().tobytes())
+                h.update(str(self.pixels.size).encode())
             self._digest = h.hexdigest()
         return self._digest
 
     def with_labels(self, labels: torch.Tensor) -> ImageSet:
         return replace(self, labels=labels, _digest=None)
 
+    def subset(self, idx: list[int], shard: str | None) -> ImageSet:
+        return replace(
+            self,
+            stems=[self.stems[i] for i in idx],
+            labels=self.labels[idx],
+            pixels=self.pixels.subset(idx),
+            shard=shard,
+            file_sha256=[self.file_sha256[i] for i in idx] if self.file_sha256 else None,
+            _digest=None,
+        )
 
-def read_image(path: Path) -> torch.Tensor:
-    """An 8-bit RGB image as a (3,H,W) uint8 tensor; anything else is a clear error."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            mode = im.mode
-            if mode != "RGB":
-                raise UserError(
-                    f"Image {path} has mode {mode!r}; tgr-bench attacks 8-bit RGB images. "
-                    f"Convert it (e.g. PIL: Image.open(p).convert('RGB').save(p))."
-                )
-            data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
-            w, h = im.size
-    except UserError:
-        raise
-    except Exception as e:
-        raise UserError(f"Cannot read image {path}: {e}. Replace or remove the file.") from e
-    return data.view(h, w, 3).permute(2, 0, 1).contiguous()
+    def load(self, idx: list[int] | None = None) -> torch.Tensor:
+        """Decoded pixels of these images (all when idx is None): for small sets and tests."""
+        return self.pixels.load(range(len(self)) if idx is None else idx)
 
 
 def _images_by_stem(folder: Path) -> dict[str, Path]:
@@ -269,25 +274,25 @@ def load_folder(
     stems = [stems[i] for i in shard_indices(len(stems), num_shards, shard)]
     if not stems:
         raise UserError(f"Shard {shard}/{num_shards} of {folder} holds no images.")
-    # PIL decodes outside the GIL: threads cut the start-up of a 1000-image set several-fold.
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        tensors = list(pool.map(read_image, [images[s] for s in stems]))
-    shapes = {tuple(t.shape) for t in tensors}
-    if len(shapes) > 1:
-        first = tuple(tensors[0].shape)
-        odd = next(s for s, t in zip(stems, tensors, strict=True) if tuple(t.shape) != first)
+    paths = [images[s] for s in stems]
+    infos = inspect_files(paths)
+    sizes = {info.size for info in infos}
+    if len(sizes) > 1:
+        odd = next(s for s, i in zip(stems, infos, strict=True) if i.size != infos[0].size)
         raise UserError(
-            f"Images in {folder} differ in size ({sorted(shapes)}; e.g. {odd!r} vs {stems[0]!r}). "
+            f"Images in {folder} differ in size ({sorted(sizes)}; e.g. {odd!r} vs {stems[0]!r}). "
             f"The protocol stores every image at one size (224x224); resize the set first."
         )
     return ImageSet(
         stems=stems,
         labels=torch.tensor([labels[s] for s in stems], dtype=torch.int64),
-        images=torch.stack(tensors),
+        pixels=FilePixels(paths),
         root=str(root.resolve()),
         layout=layout,
+        size=infos[0].size,
         shard=f"{shard}/{num_shards}" if num_shards > 1 else None,
         unlabeled_skipped=len(unlabeled),
+        file_sha256=[i.sha256 for i in infos],
     )
 
 
@@ -295,10 +300,15 @@ def synthetic(n: int, size: int = 224, seed: int = 0) -> ImageSet:
     """Smooth random images with random labels: enough to exercise the pipeline offline."""
     g = torch.Generator().manual_seed(seed)
     low = torch.rand(n, 3, 8, 8, generator=g)
-    images = torch.nn.functional.interpolate(low, size=(size, size), mode="bicubic")
-    images = (images.clamp(0, 1) * 255).round().to(torch.uint8)
     labels = torch.randint(0, NUM_CLASSES, (n,), generator=g)
-    return ImageSet([f"synthetic_{i:04d}" for i in range(n)], labels, images, None, "synthetic")
+    return ImageSet(
+        stems=[f"synthetic_{i:04d}" for i in range(n)],
+        labels=labels,
+        pixels=SyntheticPixels(low, size),
+        root=None,
+        layout="synthetic",
+        size=(size, size),
+    )
 
 
 def load_dataset(spec: DataSpec) -> ImageSet:
@@ -308,19 +318,13 @@ def load_dataset(spec: DataSpec) -> ImageSet:
         if spec.num_shards == 1:
             return full
         idx = shard_indices(len(full), spec.num_shards, spec.shard)
-        return ImageSet(
-            [full.stems[i] for i in idx],
-            full.labels[idx],
-            full.images[idx],
-            None,
-            "synthetic",
-            f"{spec.shard}/{spec.num_shards}",
-        )
+        return full.subset(idx, f"{spec.shard}/{spec.num_shards}")
     return load_folder(spec.root, spec.limit, spec.num_shards, spec.shard, spec.allow_unlabeled)
 
 
-def load_adversarial(folder: str | Path, clean: ImageSet) -> torch.Tensor:
-    """The adversarial images for every clean stem, as (N,3,H,W) uint8."""
+def adversarial_pixels(folder: str | Path, clean: ImageSet) -> FilePixels:
+    """The adversarial images `<folder>/<clean stem>.png` of every clean image, checked like
+    clean ones (present, readable, the clean image's size) and decoded on demand."""
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise UserError(f"Adversarial folder {folder} does not exist (adv_dir=...).")
@@ -331,11 +335,11 @@ def load_adversarial(folder: str | Path, clean: ImageSet) -> torch.Tensor:
             f"{len(missing)} of {len(clean)} clean images have no adversarial image in {folder}, "
             f"e.g. {missing[:3]} (expected <clean stem>.png)."
         )
-    tensors = [read_image(found[s]) for s in clean.stems]
-    for s, t in zip(clean.stems, tensors, strict=True):
-        if t.shape != clean.images.shape[1:]:
+    paths = [found[s] for s in clean.stems]
+    for path, info in zip(paths, inspect_files(paths), strict=True):
+        if info.size != clean.size:
             raise UserError(
-                f"Adversarial image {found[s]} is {tuple(t.shape)}, its clean image is "
-                f"{tuple(clean.images.shape[1:])}: the sets do not match."
+                f"Adversarial image {path} is {info.size[1]}x{info.size[0]}, its clean image is "
+                f"{clean.size[1]}x{clean.size[0]}: the sets do not match."
             )
-    return torch.stack(tensors)
+    return FilePixels(paths)

@@ -20,37 +20,39 @@ from tgr_bench.advsets import AdvSet
 from tgr_bench.atomic import atomic_write
 from tgr_bench.data import ImageSet
 from tgr_bench.models import ModelSpec, Weights, build_model
+from tgr_bench.pixels import Pixels, batches
 from tgr_bench.record import format_params
 
 
 def predict(
     model: nn.Module,
-    images: torch.Tensor,
+    pixels: Pixels,
     batch_size: int,
     device: torch.device,
     on_batch: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
-    """Top-1 classes for (N,3,H,W) uint8 images, computed in inference mode, returned on CPU.
-
-    A batch that runs out of GPU memory is retried at half the size (what `eval_batch_size=auto`
-    relies on).
-    """
+    """Top-1 logit index of every image of `pixels` (decoded batch by batch, ahead of the
+    device), computed in inference mode, returned on CPU. A batch that runs out of GPU memory
+    is retried in halves (what `eval_batch_size=auto` relies on)."""
     preds = []
-    start = 0
+    pin = device.type == "cuda"
     with torch.inference_mode():
-        while start < len(images):
-            chunk = images[start : start + batch_size].to(device, non_blocking=True)
-            try:
-                preds.append(model(chunk.float().div_(255.0)).argmax(dim=1))
-            except torch.cuda.OutOfMemoryError:
-                if batch_size == 1:
-                    raise
-                batch_size = max(1, batch_size // 2)
-                torch.cuda.empty_cache()
-                continue
-            start += len(chunk)
-            if on_batch is not None:
-                on_batch(len(chunk))
+        for _, decoded in batches(pixels, range(len(pixels)), batch_size):
+            start = 0
+            while start < len(decoded):
+                part = decoded[start : start + batch_size]
+                x = (part.pin_memory() if pin else part).to(device, non_blocking=True)
+                try:
+                    preds.append(model(x.float().div_(255.0)).argmax(dim=1))
+                except torch.cuda.OutOfMemoryError:
+                    if batch_size == 1:
+                        raise
+                    batch_size = max(1, batch_size // 2)
+                    torch.cuda.empty_cache()
+                    continue
+                start += len(part)
+                if on_batch is not None:
+                    on_batch(len(part))
     return torch.cat(preds).cpu() if preds else torch.empty(0, dtype=torch.int64)
 
 
@@ -118,8 +120,13 @@ def evaluate_sets(
         }
         if weights is None:
             rows += [
-                {**base, **_origin(s), "white_box": spec.key == s.info.source, "n": 0,
-                 "status": "missing checkpoint"}
+                {
+                    **base,
+                    **_origin(s),
+                    "white_box": spec.key == s.info.source,
+                    "n": 0,
+                    "status": "missing checkpoint",
+                }
                 for s in adv_sets
             ]
             continue
@@ -144,12 +151,12 @@ def evaluate_sets(
         )
         clean_pred = cache.get(key, len(data))
         if clean_pred is None:
-            clean_pred = predict(target.model, data.images, batch_size, device, step)
+            clean_pred = predict(target.model, data.pixels, batch_size, device, step)
             cache.put(key, clean_pred)
         else:
             step(len(data))
         for s in adv_sets:
-            adv_pred = predict(target.model, s.images, batch_size, device, step)
+            adv_pred = predict(target.model, s.pixels, batch_size, device, step)
             c = metrics.counts(data.labels, clean_pred, adv_pred)
             white_box = spec.key == s.info.source
             rows.append(

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from tgr_bench import provenance
-from tgr_bench.advsets import AdvSet, load_sets
+from tgr_bench.advsets import AdvSet, linf_levels_max, load_sets
 from tgr_bench.crafting import craft
 from tgr_bench.data import ImageSet
 from tgr_bench.errors import UserError
@@ -109,7 +109,7 @@ def prepare_source(
     if data.layout == "synthetic" and plan.data_spec.labels == "source":
         # Random-weight smoke models know no ImageNet: label each synthetic image with the
         # source's clean prediction so the white-box success rate means something.
-        data = data.with_labels(predict(source.model, data.images, rt.eval_batch_size, rt.device))
+        data = data.with_labels(predict(source.model, data.pixels, rt.eval_batch_size, rt.device))
     attacking.enter_context(plan.attack.source_context(source.model))
     return source, data
 
@@ -218,9 +218,10 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> RunRecord:
                     source = None  # frees the source before the targets are loaded
                 else:
                     sets = load_sets(record.sets, data)
-                record.crafting.linf_levels_max = max(
-                    int((s.images.int() - data.images.int()).abs().amax()) for s in sets
-                )
+                c = record.crafting
+                if not plan.crafting or c.resumed:
+                    # Images this process did not quantize itself: read them back and check.
+                    c.linf_levels_max = max(c.linf_levels_max or 0, linf_levels_max(data, sets))
                 rows, predictions = evaluate_step(
                     plan=plan, record=record, data=data, sets=sets, console=console
                 )

@@ -30,6 +30,7 @@ from PIL import Image
 from tgr_bench.atomic import atomic_write
 from tgr_bench.data import IMAGE_EXTENSIONS, load_folder
 from tgr_bench.errors import UserError
+from tgr_bench.pixels import batches
 
 SHORT_SIDE, CROP = 256, 224
 
@@ -93,18 +94,19 @@ def check(root: Path) -> list[str]:
     labels for all of them in 0..999, one image per class, no duplicate pixels."""
     data = load_folder(root)  # raises on unreadable files, bad labels, mixed sizes
     problems = []
-    if tuple(data.images.shape[2:]) != (CROP, CROP):
-        problems.append(f"images are {tuple(data.images.shape[2:])}, not 224x224")
+    if data.size != (CROP, CROP):
+        problems.append(f"images are {data.size}, not 224x224")
     per_class = Counter(data.labels.tolist())
     if len(per_class) != len(data):
         extra = sum(c - 1 for c in per_class.values())
         problems.append(f"{extra} images share a class with another image")
     digests: dict[str, str] = {}
-    for stem, img in zip(data.stems, data.images, strict=True):
-        d = hashlib.sha256(img.numpy().tobytes()).hexdigest()
-        if d in digests:
-            problems.append(f"{stem} duplicates {digests[d]}")
-        digests.setdefault(d, stem)
+    for idx, decoded in batches(data.pixels, range(len(data)), 64):  # pixels, not file bytes
+        for i, img in zip(idx, decoded, strict=True):
+            d = hashlib.sha256(img.numpy().tobytes()).hexdigest()
+            if d in digests:
+                problems.append(f"{data.stems[i]} duplicates {digests[d]}")
+            digests.setdefault(d, data.stems[i])
     print(f"{root}: {len(data)} images, {len(per_class)} classes, layout {data.layout}")
     return problems
 

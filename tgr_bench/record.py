@@ -150,6 +150,7 @@ class CraftStats:
     resumed: int = 0
     batch_size: int | None = None
     linf_levels_max: int | None = None
+    png_compress_level: int | None = None
     hooks: dict[str, Any] = field(default_factory=dict)  # fired counts, sites, family
 
 

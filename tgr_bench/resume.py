@@ -107,10 +107,10 @@ class Manifest:
                 done[e["stem"]] = e["sha256"]
         return done
 
-    def _append(self, record: dict[str, Any]) -> None:
+    def _append(self, *records: dict[str, Any]) -> None:
         try:
             with open(self.path, "a") as f:
-                f.write(json.dumps(record, sort_keys=True, default=str) + "\n")
+                f.write("".join(json.dumps(r, sort_keys=True, default=str) + "\n" for r in records))
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as e:  # a line cut short is ignored on resume: that image is redone
@@ -124,9 +124,16 @@ class Manifest:
             self._append({"identity": self.identity, "digest": self.digest})
 
     def add(self, stem: str, png: bytes) -> None:
-        digest = hashlib.sha256(png).hexdigest()
-        self._append({"stem": stem, "sha256": digest})
-        self.done[stem] = digest
+        self.add_many([(stem, png)])
+
+    def add_many(self, saved: list[tuple[str, bytes]]) -> None:
+        """Record PNGs already in place, with one write and one flush to the disk."""
+        lines = []
+        for stem, png in saved:
+            digest = hashlib.sha256(png).hexdigest()
+            lines.append({"stem": stem, "sha256": digest})
+            self.done[stem] = digest
+        self._append(*lines)
 
 
 def finished(out_dir: Path, config: dict[str, Any], stems: list[str]) -> RunRecord | None:

@@ -36,6 +36,7 @@ from tgr_bench.attacks import build_attack
 from tgr_bench.bench.timing import peak_memory_mb, random_model, reset_peak, summary, timed
 from tgr_bench.catalogue import CONFIG_MODULE
 from tgr_bench.evaluate import predict
+from tgr_bench.pixels import TensorPixels
 from tgr_bench.record import IMAGES_DIR
 from tgr_bench.settings import AUTO_BATCH, AUTO_EVAL_BATCH, Runtime
 
@@ -242,9 +243,8 @@ def eval_case(profile: Profile, device: torch.device, key: str, precision: str) 
     is_cnn = not fused
     model.set_speed(precision, channels_last=device.type == "cuda" and is_cnn)
     g = torch.Generator().manual_seed(1)
-    images = torch.randint(
-        0, 256, (profile.eval_images, 3, 224, 224), dtype=torch.uint8, generator=g
-    )
+    shape = (profile.eval_images, 3, 224, 224)
+    images = TensorPixels(torch.randint(0, 256, shape, dtype=torch.uint8, generator=g))
     start = AUTO_EVAL_BATCH.get(device.type, 64)
     reset_peak(device)
     times = timed(

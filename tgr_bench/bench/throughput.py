@@ -6,6 +6,7 @@ Usage:
     python scripts/bench.py --source vit_base --batch-size 64 --device cuda --steps 10 \
         --targets vit_base,inc_v3,pit_b --eval-images 256 --json bench.json
     python scripts/bench.py --source test_vit --targets test_convnext --precision-check
+    python scripts/bench.py --no-crafting --io --io-images 1000    # image I/O and a whole run
 
 Weights are random (speed does not depend on them); `--source` and `--targets` are keys of
 conf/source/ or timm model names. Each timing is the median of `--reps` repetitions after
@@ -13,6 +14,8 @@ conf/source/ or timm model names. Each timing is the median of `--reps` repetiti
 the ratio of seconds per image. `--precision-check` runs the offline smoke experiment in fp32,
 tf32 and bf16 and reports how many PNG pixels and success rates differ from fp32.
 `--components` also times TGR with one component at a time and reports each one's cost over MI.
+`--io` reports the per-image cost of decoding, encoding and checking PNGs, and the wall time and
+peak memory of a whole 1-step run on `--io-images` photo-sized images (a fresh process).
 """
 
 from __future__ import annotations
@@ -20,7 +23,11 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import resource
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -36,7 +43,8 @@ from tgr_bench.bench.timing import (
     time_interleaved,
     time_predict,
 )
-from tgr_bench.data import read_image
+from tgr_bench.images import PNG_COMPRESS_LEVEL, encode_png
+from tgr_bench.pixels import inspect_file, read_image
 from tgr_bench.record import IMAGES_DIR, RESULTS_CSV
 from tgr_bench.settings import Runtime
 
@@ -133,6 +141,72 @@ def precision_check(device: torch.device) -> dict:
     return report
 
 
+def photo_like(folder: Path, n: int, seed: int = 0) -> Path:
+    """n 224x224 PNGs about the size of the paper's photos (smooth structure plus fine
+    texture, ~125 KiB each) with a labels.csv: a data set for I/O timing."""
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    rows = ["filename,label"]
+    for i in range(n):
+        low = torch.rand(1, 3, 16, 16, generator=g)
+        img = torch.nn.functional.interpolate(low, size=(224, 224), mode="bicubic")[0]
+        img = img + 0.08 * torch.randn(3, 224, 224, generator=g)
+        name = f"img_{i:06d}.png"
+        (folder / name).write_bytes(encode_png((img.clamp(0, 1) * 255).round().to(torch.uint8)))
+        rows.append(f"{name},{i % 1000}")
+    (folder / "labels.csv").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+def bench_io(args: argparse.Namespace) -> dict:
+    """Per-image cost of decoding a clean PNG, encoding an adversarial one (the saved zlib
+    level), and the up-front check (header, checksums, sha256); then the wall time and peak
+    memory of a whole `--io-images`-image, 1-step run of MI on the tiny test_vit, as a user
+    runs it (a fresh process, import time included)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = photo_like(Path(tmp) / "data", args.io_images)
+        files = sorted(folder.glob("*.png"))[:100]
+        decoded = [read_image(f) for f in files]
+        g = torch.Generator().manual_seed(1)
+        adv = [
+            (im.int() + 16 * torch.randint(-1, 2, im.shape, generator=g)).clamp(0, 255).byte()
+            for im in decoded
+        ]
+
+        def per_image(fn, items) -> float:
+            t0 = time.perf_counter()
+            for item in items:
+                fn(item)
+            return 1000 * (time.perf_counter() - t0) / len(items)
+
+        result = {
+            "decode_ms": per_image(read_image, files),
+            "encode_ms": per_image(encode_png, adv),
+            "check_ms": per_image(inspect_file, files),
+            "png_compress_level": PNG_COMPRESS_LEVEL,
+            "adversarial_png_kib": sum(len(encode_png(a)) for a in adv) / len(adv) / 1024,
+        }
+        run_dir = Path(tmp) / "run"
+        args_ = [
+            sys.executable, "-m", "tgr_bench", "source=test_vit", "attack=mi",
+            "attack.steps=1", "batch_size=64", "targets=none", f"data.root={folder}",
+            "cache_dir=null", f"hydra.run.dir={run_dir}",
+        ]  # fmt: skip
+        t0 = time.perf_counter()
+        proc = subprocess.run(args_, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr[-2000:])
+        result["run_images"] = args.io_images
+        result["run_wall_s"] = time.perf_counter() - t0
+        result["run_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(
+        f"io: decode {result['decode_ms']:.2f} ms, encode {result['encode_ms']:.2f} ms, "
+        f"check {result['check_ms']:.2f} ms per image; {args.io_images}-image 1-step run: "
+        f"{result['run_wall_s']:.1f} s wall, peak {result['run_peak_rss_mb']:.0f} MB"
+    )
+    return result
+
+
 def cpu_name() -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
@@ -154,6 +228,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--components", action="store_true", help="also time TGR with one component at a time"
     )
+    p.add_argument("--io", action="store_true", help="per-image I/O cost and a whole-run wall")
+    p.add_argument("--io-images", type=int, default=1000, help="images of the --io run")
+    p.add_argument("--no-crafting", action="store_true", help="skip the crafting timings")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
 
@@ -166,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
         "precision": args.precision,
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
-        "crafting": bench_crafting(args, device),
+        "crafting": {} if args.no_crafting else bench_crafting(args, device),
     }
     craft = result["crafting"]
     if "mi" in craft:
@@ -188,6 +265,8 @@ def main(argv: list[str] | None = None) -> None:
             )
     if args.targets:
         result["evaluation"] = bench_eval(args, device)
+    if args.io:
+        result["io"] = bench_io(args)
     if args.precision_check:
         result["precision_check"] = precision_check(device)
     if args.json:

@@ -15,6 +15,7 @@ from tgr_bench.attacks import Attack
 from tgr_bench.catalogue import model_keys, model_spec
 from tgr_bench.evaluate import predict
 from tgr_bench.models import ModelSpec, PixelModel, Weights, build_model
+from tgr_bench.pixels import TensorPixels
 
 
 def sync(device: torch.device) -> None:
@@ -95,7 +96,8 @@ def time_predict(
     reps: int,
     warmup: int,
 ) -> list[float]:
-    return timed(lambda: predict(model, images, batch_size, device), device, reps, warmup)
+    pixels = TensorPixels(images)
+    return timed(lambda: predict(model, pixels, batch_size, device), device, reps, warmup)
 
 
 def random_model(
