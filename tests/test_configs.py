@@ -35,7 +35,7 @@ def test_the_groups_are_the_documented_ones():
 )
 def test_every_option_composes_to_a_valid_run(group: str, option: str):
     cfg = compose_with(f"{group}={option}")
-    attack = build_attack(cfg.attack)
+    attack = build_attack(cfg.attack, cfg.source.model, cfg.source.key)
     assert attack.params()["eps"] == 16.0
     check_model_name(model_spec(cfg.source.key))
     for spec in target_specs(cfg):

@@ -21,8 +21,9 @@ def main() -> None:
         sources.add_column(col)
     with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
         for choice in choices("attack"):
-            cfg = compose("config", overrides=[f"attack={choice}"]).attack
-            attack = build_attack(cfg)
+            cfg = compose("config", overrides=[f"attack={choice}"])
+            # Defaults as they resolve on the default source (the paper's ViT-B/16).
+            attack = build_attack(cfg.attack, cfg.source.model, cfg.source.key)
             params = attack.params()
             attacks.add_row(
                 choice, attack.reference, " ".join(f"{k}={v}" for k, v in params.items())

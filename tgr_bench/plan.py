@@ -55,8 +55,8 @@ def identity_of(cfg: Any) -> Identity:
     if folders:
         resolved = tuple(str(Path(f).expanduser().resolve()) for f in folders)
         return Identity(source=None, attack=None, params={}, adv_dir=resolved, **common)
-    attack = build_attack(cfg.attack)
     source = ModelSpec.from_cfg(cfg.source)
+    attack = build_attack(cfg.attack, source.model, source.key)
     return Identity(source=source.identity(), attack=attack.label, params=attack.params(), **common)
 
 
@@ -98,8 +98,8 @@ def make_plan(cfg: Any, out_dir: Path) -> Plan:
     runtime = Runtime.from_cfg(cfg)
     identity = identity_of(cfg)
     folders = adv_dirs(cfg)
-    attack = None if folders else build_attack(cfg.attack)
     source = None if folders else ModelSpec.from_cfg(cfg.source)
+    attack = None if source is None else build_attack(cfg.attack, source.model, source.key)
     specs = target_specs(cfg)
     if folders and not specs:
         raise UserError("adv_dir= evaluates against targets, but targets=none lists none.")

@@ -89,6 +89,11 @@ class Attack:
             **(self.patchout.params() if self.patchout else {}),
         }
 
+    def bind_family(self, family: str | None, source: str | None = None) -> None:
+        """Learn the source's family (architectures.source_family) before `params()` is asked:
+        attacks whose settings resolve per family (TGR's `auto`) or that need sites refuse an
+        unsupported source here, before any work. The plain loop needs nothing."""
+
     def defaults(self) -> dict[str, Any]:
         """`params()` of this attack with every setting at its default (the sweep plots mark
         the default value)."""
@@ -153,6 +158,8 @@ class Attack:
         for step in range(self.steps):
             grad = self.input_gradient(model, x, delta, y, step, seeds)
             g = self.update(g, grad, step)
-            delta = (delta + self.alpha * g.sign()).clamp(-self.eps, self.eps)
-            delta = (x + delta).clamp(0, 1) - x
+            # In place, the same float operations as (delta + alpha * sign(g)).clamp(-eps, eps)
+            # and then (x + delta).clamp(0, 1) - x: one buffer instead of five per step.
+            delta.add_(g.sign().mul_(self.alpha)).clamp_(-self.eps, self.eps)
+            delta.add_(x).clamp_(0, 1).sub_(x)
         return (x + delta).detach()

@@ -1,9 +1,15 @@
 """Attacks that edit the gradient inside the source's backward pass (TGR, PNA, SGM).
 
-A subclass says which sites of architectures.py it edits (`bind`) and how (`edit`); this class
-installs the hooks while the source is attacked, runs the source on the explicit attention path,
-and proves before any work, with one probe forward/backward, that every configured component
-fires. Hooks only count in Python and call torch ops: no host syncs.
+A subclass says which table of architectures.py it uses (`table`, `needs`), which of the
+family's sites it edits (`sites`) and how (`edit`); this class installs the hooks while the
+source is attacked, runs the source on the explicit attention path, and proves before any work,
+with one probe forward/backward, that every site fires. Hooks only count in Python and call
+torch ops: no host syncs.
+
+The source's family is known twice: from the model name at config time (`bind_family`, which a
+run calls before `params()`, because settings such as TGR's `auto` defaults resolve per family
+and are part of the run identity), and from the built network (`source_context`). The two must
+agree; code that only attacks a network (benchmarks, tests) may skip `bind_family`.
 """
 
 from __future__ import annotations
@@ -11,12 +17,20 @@ from __future__ import annotations
 import contextlib
 from collections import Counter
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from tgr_bench.attacks.architectures import INPUT, OUTPUT, SOFTMAX_INPUT, BoundSite
+from tgr_bench.attacks.architectures import (
+    INPUT,
+    OUTPUT,
+    SOFTMAX_INPUT,
+    BoundSite,
+    Family,
+    family_named,
+    family_of,
+)
 from tgr_bench.attacks.base import Attack
 from tgr_bench.errors import UserError
 
@@ -34,15 +48,36 @@ def set_fused_attn(model: nn.Module, enabled: bool) -> list[tuple[nn.Module, boo
 
 
 class GradientHookAttack(Attack):
+    table: ClassVar[str] = "tgr"  # the site table of architectures.py: "tgr" or "branches"
+    needs: ClassVar[str | None] = None  # a TGR component the family must have (PNA: attn)
+
     def __init__(self, **loop: Any) -> None:  # the MI-FGSM settings of Attack
         super().__init__(**loop)
         self.fired: Counter[str] = Counter()
-        self.family: str | None = None
+        self.family: str | None = None  # the family in use (run.json: <name>_family)
+        self._declared: str | None = None  # the family named by bind_family, from the config
         self._sites: list[BoundSite] = []
+        self._site_fired: Counter[str] = Counter()  # per bound site: the probe's proof
         self._attacked = False  # a resumed run may have nothing left to attack
 
+    def bind_family(self, family: str | None, source: str | None = None) -> None:
+        """Declare the source's family before `params()` is asked.
+
+        `family` is `architectures.source_family(<the source's model name>)`; `source` names
+        the source in messages. A family without sites for this attack (or None) is refused here,
+        before any work, with the list of supported families. Entering `source_context` later
+        refuses a network of another family.
+        """
+        found = family_named(family, self.table, self.name.upper(), self.needs, source)
+        self.resolve(found)
+        self._declared = self.family = found.name
+
     # ---- what a subclass decides -------------------------------------------------------------
-    def bind(self, net: nn.Module) -> list[BoundSite]:
+    def resolve(self, family: Family) -> None:
+        """Settle the settings that depend on the family (TGR's `auto`); UserError if one does
+        not fit it. Called by `bind_family` and again by `source_context`: must be idempotent."""
+
+    def sites(self, net: nn.Module, family: Family) -> list[BoundSite]:
         raise NotImplementedError
 
     def edit(self, bound: BoundSite, g: torch.Tensor) -> torch.Tensor:
@@ -64,7 +99,22 @@ class GradientHookAttack(Attack):
 
     def _edit(self, bound: BoundSite, g: torch.Tensor) -> torch.Tensor:
         self.fired[bound.site.component] += 1
+        self._site_fired[bound.name] += 1
         return self.edit(bound, g)
+
+    def _bind(self, net: nn.Module) -> list[BoundSite]:
+        family = family_of(net, self.table, self.name.upper(), self.needs)
+        if self._declared is not None and family.name != self._declared:
+            raise UserError(
+                f"The source network is a {type(net).__name__} of the {family.name} family, but "
+                f"the run was configured for the {self._declared} family (from the source's "
+                f"model name), and its settings and identity were resolved for that. Fix the "
+                f"timm_modules/tfslim entries of tgr_bench/attacks/architectures.py so that "
+                f"source_family maps this model name to {family.name}."
+            )
+        self.family = family.name
+        self.resolve(family)
+        return self.sites(net, family)
 
     def _install(self, bound: BoundSite) -> Any:
         where = bound.site.where
@@ -112,6 +162,7 @@ class GradientHookAttack(Attack):
         device = next(iter(model.buffers()), torch.empty(0)).device
         ramp = torch.linspace(0.4, 0.6, 3 * size * size, device=device)  # any non-constant image
         x = ramp.view(1, 3, size, size).requires_grad_(True)
+        self._site_fired.clear()
         model(x).logsumexp(-1).sum().backward()
         self.check(stage="probe")
         self.validate()
@@ -126,6 +177,17 @@ class GradientHookAttack(Attack):
                 f"Is fused attention still on, or did the timm version change the module layout "
                 f"of tgr_bench/attacks/architectures.py? Fired counts: {dict(self.fired)}."
             )
+        # The probe runs every unit once: a site that stayed silent means part of the source
+        # (a block whose layout differs, a module called another way) escapes the edit.
+        missed = [b.name for b in self._sites if self._site_fired[b.name] == 0]
+        if stage == "probe" and missed:
+            shown = ", ".join(missed[:5]) + (", ..." if len(missed) > 5 else "")
+            raise UserError(
+                f"{self.name.upper()} edited nothing at {len(missed)} of {len(self._sites)} "
+                f"sites of the {self.family} source during the probe ({shown}): those units "
+                f"would silently run unedited. Did the timm version change how these modules are "
+                f"called, or the layout of tgr_bench/attacks/architectures.py?"
+            )
 
     def perturb(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         self._attacked = True
@@ -134,7 +196,7 @@ class GradientHookAttack(Attack):
     @contextlib.contextmanager
     def source_context(self, model: nn.Module) -> Iterator[None]:
         net = getattr(model, "net", model)
-        self._sites = self.bind(net)
+        self._sites = self._bind(net)
         previous = set_fused_attn(net, False)
         handles = [self._install(b) for b in self._sites]
         self._attacked = False

@@ -7,20 +7,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tgr_bench.attacks.architectures import BoundSite, bind_sites, family_of
+from tgr_bench.attacks.architectures import BoundSite, Family, bind_sites
 from tgr_bench.attacks.hooks import GradientHookAttack
 
 
 class PNA(GradientHookAttack):
     name = "pna"
+    needs = "attn"  # families with attention maps: CNN families have TGR sites but no maps
     reference = (
         "PNA: Wei et al., Towards Transferable Adversarial Attacks on Vision Transformers, "
         "AAAI 2022"
     )
 
-    def bind(self, net: nn.Module) -> list[BoundSite]:
-        family = family_of(net, "tgr", "PNA")
-        self.family = family.name
+    def sites(self, net: nn.Module, family: Family) -> list[BoundSite]:
         # The clean variant's rows cover every attention map, class-attention blocks included.
         return [b for b in bind_sites(net, family, "clean") if b.site.component == "attn"]
 

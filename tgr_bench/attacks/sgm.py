@@ -4,8 +4,9 @@ The gradient of every residual branch output is scaled by gamma; skip connection
 ViT-family sources: the attention output after proj and the MLP output of every block (ports
 differ: one scales only the MLP branch, one uses 0.4; tgr-bench scales both, gamma 0.5; see
 docs/baselines.md section 4). ResNet sources: the output of each residual unit's last BN (or SE
-gate), i.e. the whole branch once, where the original code scaled the gradient at every ReLU of
-the branch.
+gate) for timm ResNet, of its last conv for the pre-activation ResNet-v2s (timm and TF-slim),
+i.e. the whole branch once, where the original code scaled the gradient at every ReLU of the
+branch. The sites are the `branches` table of architectures.py.
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from tgr_bench.attacks.architectures import BoundSite, bind_sites, family_of
+from tgr_bench.attacks.architectures import BoundSite, Family, bind_sites
 from tgr_bench.attacks.hooks import GradientHookAttack
 from tgr_bench.errors import UserError
 
 
 class SGM(GradientHookAttack):
     name = "sgm"
+    table = "branches"
     reference = (
         "SGM: Wu et al., Skip Connections Matter: On the Transferability of Adversarial "
         "Examples Generated with ResNets, ICLR 2020"
@@ -41,9 +43,7 @@ class SGM(GradientHookAttack):
     def params(self) -> dict[str, Any]:
         return {**super().params(), "gamma": self.gamma}
 
-    def bind(self, net: nn.Module) -> list[BoundSite]:
-        family = family_of(net, "branches", "SGM")
-        self.family = family.name
+    def sites(self, net: nn.Module, family: Family) -> list[BoundSite]:
         return bind_sites(net, family, table="branches")
 
     def edit(self, bound: BoundSite, g: torch.Tensor) -> torch.Tensor:
