@@ -4,6 +4,7 @@ and each one's cost relative to MI.
 Usage:
     python -m tgr_bench.bench.attack_step --source vit_base --batch-size 8 --device cpu
     python -m tgr_bench.bench.attack_step --attacks mi,tgr,tgr:attn,tgr:qkv,tgr:mlp --reps 5
+    python -m tgr_bench.bench.attack_step --attacks mi --profile-edits --device cpu
 
 Weights are random (timing does not depend on them): `--source` is a catalogue key (its
 architecture, kwargs and input size) or a timm model name. `tgr:qkv` is TGR with only that
@@ -18,7 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -36,6 +39,32 @@ def attack_of(name: str, steps: int) -> Attack:
     return build_attack(cfg)
 
 
+def edit_profile(
+    attack: Attack, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, reps: int
+) -> dict[str, float]:
+    """CPU milliseconds per attack step spent inside the attack's gradient edits, per
+    component: where a hook attack's extra cost over MI goes, without the run-to-run noise of
+    whole-step timings. (On a CPU the edits run synchronously, so their wall time is theirs.)"""
+    spent: dict[str, float] = {}
+    inner = attack.edit
+
+    def timed_edit(bound: Any, g: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
+        out = inner(bound, g)
+        spent[bound.site.component] = (
+            spent.get(bound.site.component, 0.0) + time.perf_counter() - t0
+        )
+        return out
+
+    attack.edit = timed_edit  # type: ignore[method-assign]
+    seeds = list(range(len(x)))
+    with attack.source_context(model):
+        for _ in range(reps):
+            attack.perturb(model, x, y, seeds)
+    attack.edit = inner  # type: ignore[method-assign]
+    return {c: 1000 * t / (reps * attack.steps) for c, t in spent.items()}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--source", default="vit_base")
@@ -45,6 +74,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--attacks", default="mi,tgr")
+    p.add_argument(
+        "--profile-edits",
+        action="store_true",
+        help="CPU: also report ms per step inside TGR's gradient edits, per component",
+    )
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
 
@@ -83,6 +117,13 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{n}/mi = {ratio:.3f}")
         if "tgr" in sps:
             result["tgr_over_mi"] = result["over_mi"]["tgr"]
+    if args.profile_edits and device.type == "cpu":
+        per = edit_profile(attack_of("tgr", args.steps), model, x, y, args.reps)
+        mi_ms = 1000 * sps["mi"] if "mi" in sps else None
+        result["tgr_edit_ms_per_step"] = per
+        for c, ms in per.items():
+            share = f" ({100 * ms / mi_ms:.1f}% of an MI step)" if mi_ms else ""
+            print(f"tgr edits, {c}: {ms:.1f} ms per step{share}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     print(json.dumps(result))
