@@ -74,6 +74,20 @@ def json_set(tmp_path: Path) -> Path:
     return repo / "clean_resized_images"
 
 
+@pytest.fixture(scope="session")
+def npy_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One full-size random weight file per TF-slim architecture, in the converted `.npy`
+    layout and under its released name (written once per session: about 400 MB)."""
+    from tgr_bench.tfslim import FILES
+    from tgr_bench.tfslim.testing import random_weights, write_npy
+
+    folder = tmp_path_factory.mktemp("tfslim")
+    return {
+        k: write_npy(folder / FILES[k].released_name, random_weights(k, seed=7))
+        for k in ("inc_v3", "inc_v4", "incres_v2", "res_v2_50")
+    }
+
+
 def cli(*args: str) -> list[str]:
     """The installed console script next to this interpreter."""
     exe = Path(sys.executable).with_name("tgr-bench")

@@ -35,7 +35,7 @@ def test_the_groups_are_the_documented_ones():
 )
 def test_every_option_composes_to_a_valid_run(group: str, option: str):
     cfg = compose_with(f"{group}={option}")
-    attack = build_attack(cfg.attack, cfg.source.model, cfg.source.key)
+    attack = build_attack(cfg.attack, model_spec(cfg.source.key).arch, cfg.source.key)
     assert attack.params()["eps"] == 16.0
     check_model_name(model_spec(cfg.source.key))
     for spec in target_specs(cfg):
@@ -52,7 +52,9 @@ def test_catalogue_entries_state_only_what_differs(key: str):
 
     text = files(CONFIG_MODULE).joinpath("source", f"{key}.yaml").read_text()
     body = [ln for ln in text.splitlines() if ln and not ln.startswith(("#", " ", "defaults"))]
-    assert body[:2] == [f"key: {key}", f"model: {model_spec(key).model}"]
+    spec = model_spec(key)
+    named = f"model: {spec.model}" if spec.model else f"tfslim: {spec.tfslim}"
+    assert body[:2] == [f"key: {key}", named]
     assert len(body) <= 7
 
 

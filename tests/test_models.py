@@ -113,17 +113,13 @@ def test_missing_checkpoint_file(tmp_path: Path):
         resolve_weights(spec(checkpoint=str(tmp_path / "nope.pth")))
 
 
-def test_model_timm_lacks_asks_for_its_checkpoint():
-    s = ModelSpec.from_cfg(
-        {
-            "key": "res_v2_101",
-            "model": "resnetv2_101",
-            "pretrained": False,
-            "requires_checkpoint": True,
-        }
-    )
-    with pytest.raises(UserError, match="targets.res_v2_101.checkpoint"):
+def test_model_timm_lacks_asks_for_its_file_and_says_where_it_is_published():
+    s = ModelSpec.from_cfg({"key": "res_v2_101", "tfslim": "res_v2_101"})
+    with pytest.raises(
+        UserError, match="tf2torch_resnet_v2_101.npy .*ylhz/tf_to_pytorch_model"
+    ) as e:
         resolve_weights(s)
+    assert "tf2torch_dir=" in str(e.value) and "targets.res_v2_101.checkpoint" in str(e.value)
 
 
 @pytest.mark.parametrize(
@@ -158,12 +154,16 @@ def test_pixel_model_resizes_and_normalizes():
 
 def test_protocol_weight_tags_exist_in_timm(make_cfg):
     cfg = make_cfg("targets=paper")
+    tfslim_only = set()
     for key, entry in cfg.targets.items():
         s = ModelSpec.from_cfg(entry)
+        if s.model is None:
+            tfslim_only.add(key)
+            continue
         arch, tag = timm.models.split_model_name_tag(s.model)
         assert timm.is_model(arch), key
-        if not s.requires_checkpoint:
-            assert timm.models.get_pretrained_cfg(s.model) is not None, s.model
+        assert timm.models.get_pretrained_cfg(s.model) is not None, s.model
+    assert tfslim_only == {"res_v2_101", "inc_v3_ens3", "inc_v3_ens4"}
     assert cfg.targets.vit_base.model == "vit_base_patch16_224.augreg_in21k_ft_in1k"
     assert cfg.targets.tnt_s.model == "tnt_s_legacy_patch16_224.in1k"
     assert cfg.targets.deit_b.model == "deit_base_distilled_patch16_224.fb_in1k"

@@ -223,12 +223,7 @@ def test_crafting_does_not_depend_on_batch_size(make_cfg, tmp_path: Path):
 def test_target_without_required_checkpoint_is_missing_not_zero(make_cfg, tmp_path: Path):
     cfg = make_cfg("experiment=smoke", "data.n=2", "attack.steps=1")
     OmegaConf.set_struct(cfg, False)
-    cfg.targets.inc_v3_ens3 = {
-        "key": "inc_v3_ens3",
-        "model": "inception_v3.tf_in1k",
-        "pretrained": False,
-        "requires_checkpoint": True,
-    }
+    cfg.targets.inc_v3_ens3 = {"key": "inc_v3_ens3", "tfslim": "inc_v3_ens3"}
     run(cfg, output_dir=tmp_path)
     df = pd.read_csv(tmp_path / "results.csv")
     row = df[df.target == "inc_v3_ens3"].iloc[0]
@@ -304,3 +299,25 @@ def test_peak_memory_does_not_grow_with_the_number_of_images(tmp_path: Path):
     (the run before streaming grew by about 2 MB per image)."""
     small, large = _peak_rss_mb(30, tmp_path), _peak_rss_mb(300, tmp_path)
     assert large - small < 120, (small, large)
+
+
+def test_other_target_weights_add_rows_and_never_overwrite(make_cfg, tmp_path: Path):
+    overrides, _ = target_checkpoints(tmp_path)
+    common = ("experiment=smoke", "data.n=2", "attack.steps=1", "data.labels=random")
+    run(make_cfg(*common, *overrides), output_dir=tmp_path / "run")
+    first = pd.read_csv(tmp_path / "run" / "results.csv")
+    torch.manual_seed(7)  # other weights for test_convnext
+    net = timm.create_model("test_convnext.r160_in1k", pretrained=False)
+    other = tmp_path / "convnext_other.pth"
+    torch.save(net.state_dict(), other)
+    swapped = [o for o in overrides if "test_convnext" not in o]
+    run(
+        make_cfg(*common, *swapped, f"targets.test_convnext.checkpoint={other}"),
+        output_dir=tmp_path / "run",
+    )
+    second = pd.read_csv(tmp_path / "run" / "results.csv")
+    convnext = second[second.target == "test_convnext"]
+    assert len(convnext) == 2 and convnext.target_sha256.nunique() == 2  # both weight files
+    kept = first[first.target == "test_convnext"].iloc[0]
+    assert kept.target_sha256 in set(convnext.target_sha256)
+    assert (second.target == "test_vit").sum() == 1  # the same weights: replaced, not doubled

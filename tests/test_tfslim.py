@@ -39,7 +39,7 @@ from tgr_bench.tfslim import (
     same_padding,
     skipped_layers,
 )
-from tgr_bench.tfslim.testing import random_weights, write_npy
+from tgr_bench.tfslim.testing import write_npy
 
 FAMILY_KEYS = ("inc_v3", "inc_v4", "incres_v2", "res_v2_50")
 
@@ -53,15 +53,6 @@ LAYERS_PER_ARCHITECTURE = {
     "resnet_v2_101": 205,
     "resnet_v2_152": 307,
 }
-
-
-@pytest.fixture(scope="session")
-def npy_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("tfslim")
-    return {
-        k: write_npy(folder / FILES[k].released_name, random_weights(k, seed=7))
-        for k in FAMILY_KEYS
-    }
 
 
 @pytest.fixture(scope="session")

@@ -31,10 +31,14 @@ def predict(
     device: torch.device,
     on_batch: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
-    """Top-1 logit index of every image of `pixels` (decoded batch by batch, ahead of the
-    device), computed in inference mode, returned on CPU. A batch that runs out of GPU memory
-    is retried in halves (what `eval_batch_size=auto` relies on)."""
+    """Top-1 ImageNet class of every image of `pixels` (decoded batch by batch, ahead of the
+    device), computed in inference mode, returned on CPU: argmax of the logits minus the
+    model's label_offset, so a TF-slim network's background logit predicts -1, a wrong answer.
+    A batch that runs out of GPU memory is retried in halves (what `eval_batch_size=auto`
+    relies on)."""
+    offset = int(getattr(model, "label_offset", 0))
     preds = []
+    device = torch.device(device)
     pin = device.type == "cuda"
     with torch.inference_mode():
         for _, decoded in batches(pixels, range(len(pixels)), batch_size):
@@ -43,7 +47,7 @@ def predict(
                 part = decoded[start : start + batch_size]
                 x = (part.pin_memory() if pin else part).to(device, non_blocking=True)
                 try:
-                    preds.append(model(x.float().div_(255.0)).argmax(dim=1))
+                    preds.append(model(x.float().div_(255.0)).argmax(dim=1) - offset)
                 except torch.cuda.OutOfMemoryError:
                     if batch_size == 1:
                         raise
@@ -172,6 +176,7 @@ def evaluate_sets(
                         "stem": data.stems,
                         "label": data.labels.tolist(),
                         "target": spec.key,
+                        "target_sha256": weights.sha256,
                         "clean_pred": clean_pred.tolist(),
                         "adv_pred": adv_pred.tolist(),
                     }
@@ -188,7 +193,10 @@ def evaluate_sets(
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    columns = ["run_id", "source", "attack", "stem", "label", "target", "clean_pred", "adv_pred"]
+    columns = [
+        "run_id", "source", "attack", "stem", "label", "target", "target_sha256",
+        "clean_pred", "adv_pred",
+    ]  # fmt: skip
     return rows, loaded, pd.concat(per_image) if per_image else pd.DataFrame(columns=columns)
 
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from hydra import compose, initialize_config_module
-from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
 
 from tgr_bench.attacks import build_attack
-from tgr_bench.catalogue import CONFIG_MODULE, choices
+from tgr_bench.catalogue import CONFIG_MODULE, choices, model_keys, model_spec
+from tgr_bench.models import ModelSpec
 
 
 def main() -> None:
@@ -23,21 +23,22 @@ def main() -> None:
         for choice in choices("attack"):
             cfg = compose("config", overrides=[f"attack={choice}"])
             # Defaults as they resolve on the default source (the paper's ViT-B/16).
-            attack = build_attack(cfg.attack, cfg.source.model, cfg.source.key)
+            attack = build_attack(cfg.attack, ModelSpec.from_cfg(cfg.source).arch, cfg.source.key)
             params = attack.params()
             attacks.add_row(
                 choice, attack.reference, " ".join(f"{k}={v}" for k, v in params.items())
             )
-        for key in choices("source"):
-            src = OmegaConf.to_container(compose("config", overrides=[f"source={key}"]).source)
-            kind = (
-                "checkpoint= required"
-                if src["requires_checkpoint"]
-                else "pretrained"
-                if src["pretrained"]
-                else "random (tests)"
-            )
-            sources.add_row(key, src["model"], kind)
+    for key in model_keys():
+        spec = model_spec(key)
+        if not spec.pretrained:
+            kind = "random (tests)"
+        elif spec.model is None:
+            kind = f"converted TF-slim only: tf2torch_dir= ({spec.tfslim})"
+        elif spec.tfslim:
+            kind = f"timm port; tf2torch_dir= for the converted TF-slim file ({spec.tfslim})"
+        else:
+            kind = "timm pretrained"
+        sources.add_row(key, spec.model or "-", kind)
     console.print(attacks)
     console.print(sources)
 

@@ -1,9 +1,12 @@
-"""timm models that take [0,1] pixels, with the exact weights a config names.
+"""Models that take [0,1] pixels, with the exact weights a config names: timm models, and the
+TF-slim networks of tgr_bench.tfslim for the converted TF-slim weights the paper's CNN and
+defended targets used.
 
-Weights come from one of three places, resolved *before* any model is built so that a missing
-file stops the run in seconds: a local checkpoint (`checkpoint=`), the Hugging Face cache (filled
-on first use when the hub is reachable), or nowhere (`pretrained: false`, random weights, for the
-tiny test models).
+Weights come from one of four places, resolved *before* any model is built so that a missing
+file stops the run in seconds: a local checkpoint (`checkpoint=`: a timm state dict, or a
+converted TF-slim file, told apart by content), a folder of converted TF-slim files
+(`tf2torch_dir=`), the Hugging Face cache (filled on first use when the hub is reachable), or
+nowhere (`pretrained: false`, seeded random weights, for the tiny test models).
 """
 
 from __future__ import annotations
@@ -25,6 +28,11 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from tgr_bench.errors import UserError
+from tgr_bench.tfslim import FILES as TFSLIM_FILES
+from tgr_bench.tfslim import build_network as build_tfslim_network
+from tgr_bench.tfslim import is_tf2torch_file
+from tgr_bench.tfslim import read_weights as read_tfslim_weights
+from tgr_bench.tfslim.testing import random_weights as random_tfslim_weights
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +41,15 @@ _HUB_FILENAMES = ("model.safetensors", "pytorch_model.bin")
 
 
 class MissingCheckpoint(UserError):
-    """A model whose weights timm does not ship was listed without `checkpoint=`."""
+    """A model whose weights exist only as a file was listed without one."""
+
+
+TF2TORCH_SOURCE = (
+    "github.com/ylhz/tf_to_pytorch_model, release v1.0 (the TF-slim checkpoints converted to "
+    "PyTorch that the TGR paper's evaluation used)"
+)
+# Preprocessing of every TF-slim network: RGB at 299x299, scaled to [-1, 1] (x * 2 - 1).
+TFSLIM_INPUT = {"input_size": (3, 299, 299), "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
 
 
 @dataclass(frozen=True)
@@ -41,10 +57,12 @@ class ModelSpec:
     """One model entry of a `source/` or `targets/` config."""
 
     key: str
-    model: str  # timm name with weight tag, e.g. vit_base_patch16_224.augreg_in21k_ft_in1k
+    # timm name with weight tag, e.g. vit_base_patch16_224.augreg_in21k_ft_in1k; None for a
+    # network that exists only as converted TF-slim weights (Res-v2-101, Inc-v3-ens3/4).
+    model: str | None = None
+    tfslim: str | None = None  # the TF-slim key (tgr_bench.tfslim.FILES) whose files fit it
     pretrained: bool = True
     checkpoint: str | None = None
-    requires_checkpoint: bool = False  # weights timm does not ship (Res-v2-101, Inc-v3-ens*)
     kwargs: dict[str, Any] = field(default_factory=dict)
     mean: tuple[float, ...] | None = None  # None: from the tag's pretrained config
     std: tuple[float, ...] | None = None
@@ -67,7 +85,23 @@ class ModelSpec:
             d["checkpoint"] = None
         else:
             d["checkpoint"] = str(d["checkpoint"])
-        return cls(**d)
+        spec = cls(**d)
+        if spec.model is None and spec.tfslim is None:
+            raise UserError(
+                f"Model entry {spec.key!r} names neither a timm model (model=) nor TF-slim "
+                f"weights (tfslim=); see conf/schema/model.yaml."
+            )
+        if spec.tfslim is not None and spec.tfslim not in TFSLIM_FILES:
+            raise UserError(
+                f"Model entry {spec.key!r}: tfslim={spec.tfslim!r} is not a TF-slim key; the "
+                f"keys are {', '.join(TFSLIM_FILES)}."
+            )
+        return spec
+
+    @property
+    def arch(self) -> str:
+        """The name that tells the architecture: the timm name, else the TF-slim key."""
+        return self.model or str(self.tfslim)
 
     def identity(self) -> dict[str, Any]:
         """What this model computes: part of a run's identity (the weight file's hash is checked
@@ -76,6 +110,7 @@ class ModelSpec:
         return {
             "key": self.key,
             "model": self.model,
+            **({"tfslim": self.tfslim} if self.tfslim else {}),
             "pretrained": self.pretrained,
             "checkpoint": checkpoint,
             "kwargs": self.kwargs,
@@ -89,14 +124,17 @@ class ModelSpec:
 class Weights:
     """Where a model's weights come from, recorded in run.json."""
 
-    kind: str  # "checkpoint" | "hub" | "random"
+    kind: str  # "checkpoint" | "hub" | "tf2torch" | "random"
     path: str | None = None
     sha256: str | None = None
     revision: str | None = None
 
 
 def pretrained_cfg(spec: ModelSpec) -> dict[str, Any]:
-    """The timm pretrained config of the tag: mean/std/input size always come from here."""
+    """The timm pretrained config of the tag: mean/std/input size always come from here (the
+    TF-slim preprocessing for a model that is TF-slim only)."""
+    if spec.model is None:
+        return dict(TFSLIM_INPUT)
     arch, tag = timm.models.split_model_name_tag(spec.model)
     if not timm.is_model(arch):
         raise UserError(
@@ -152,8 +190,42 @@ def _no_network_message(spec: ModelSpec, hub_id: str) -> str:
     )
 
 
-def resolve_weights(spec: ModelSpec) -> Weights:
-    """Find (or download) the weight file for `spec` without building the model."""
+def tf2torch_file(folder: str | os.PathLike[str], spec: ModelSpec) -> Path:
+    """The converted TF-slim file of `spec` in `folder`: its safetensors conversion first (no
+    pickle to read), then the released `tf2torch_*.npy`, then the public `tf_*.npy` name."""
+    assert spec.tfslim is not None
+    names = TFSLIM_FILES[spec.tfslim]
+    candidates = [
+        Path(names.released_name).with_suffix(".safetensors").name,
+        names.released_name,
+        names.public_name,
+        Path(names.public_name).with_suffix(".safetensors").name,
+    ]
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise UserError(f"tf2torch_dir={folder} is not a folder of converted TF-slim weights.")
+    for name in candidates:
+        if (root / name).is_file():
+            return root / name
+    raise MissingCheckpoint(
+        f"No converted TF-slim weights for {spec.key!r} in {root}: looked for "
+        f"{', '.join(candidates)}. They are published at {TF2TORCH_SOURCE}; or pass this model "
+        f"its own file with targets.{spec.key}.checkpoint=<file> (source.checkpoint= for a source)."
+    )
+
+
+def _tf2torch_weights(path: Path, spec: ModelSpec) -> Weights:
+    if spec.tfslim is None:
+        raise UserError(
+            f"{path} holds converted TF-slim weights, but {spec.key!r} is the timm model "
+            f"{spec.model}; TF-slim weights fit the keys {', '.join(TFSLIM_FILES)}."
+        )
+    return Weights("tf2torch", str(path.absolute()), sha256_file(path))
+
+
+def resolve_weights(spec: ModelSpec, tf2torch_dir: str | None = None) -> Weights:
+    """Find (or download) the weight file for `spec` without building the model. A model's own
+    `checkpoint=` wins over `tf2torch_dir`; its format is read from its content."""
     if spec.checkpoint is not None:
         path = Path(spec.checkpoint).expanduser()
         if not path.is_file():
@@ -161,15 +233,27 @@ def resolve_weights(spec: ModelSpec) -> Weights:
                 f"Checkpoint for {spec.key!r} not found: {path}. Pass an existing .pth/.pt or "
                 f".safetensors file with checkpoint=<file>."
             )
+        if is_tf2torch_file(path):
+            return _tf2torch_weights(path, spec)
+        if spec.model is None:
+            raise UserError(
+                f"{path} is not a converted TF-slim weight file, which {spec.key!r} needs (a "
+                f"{TFSLIM_FILES[str(spec.tfslim)].released_name} from {TF2TORCH_SOURCE}, or its "
+                f"conversion by `tgr-bench-prepare convert-tf2torch`)."
+            )
         return Weights("checkpoint", str(path.resolve()), sha256_file(path))
-    if spec.requires_checkpoint:
-        raise MissingCheckpoint(
-            f"Model {spec.key!r} ({spec.model}) has no weights in timm: provide a state dict for "
-            f"the timm architecture with targets.{spec.key}.checkpoint=<file> (or "
-            f"source.checkpoint=<file> when it is the source)."
-        )
+    if tf2torch_dir and spec.tfslim is not None:
+        return _tf2torch_weights(tf2torch_file(tf2torch_dir, spec), spec)
     if not spec.pretrained:
         return Weights("random")
+    if spec.model is None:
+        names = TFSLIM_FILES[str(spec.tfslim)]
+        raise MissingCheckpoint(
+            f"Model {spec.key!r} exists only as converted TF-slim weights "
+            f"({names.released_name} or {names.public_name}, published at {TF2TORCH_SOURCE}). "
+            f"Pass the folder that holds them with tf2torch_dir=<folder>, or the file with "
+            f"targets.{spec.key}.checkpoint=<file> (source.checkpoint=<file> for a source)."
+        )
 
     cfg = pretrained_cfg(spec)
     hub_id = cfg.get("hf_hub_id")
@@ -250,6 +334,18 @@ def _load_into(net: nn.Module, spec: ModelSpec, path: str) -> None:
         )
 
 
+def _tfslim_network(spec: ModelSpec, weights: Weights, seed: int) -> nn.Module:
+    """The TF-slim network of `spec`: from its converted file (read without running any pickle
+    code), or with seeded random weights in the files' own layout (tests and benchmarks). These
+    weights never pass through timm: they keep their 1001 classes (label_offset = 1)."""
+    assert spec.tfslim is not None
+    if weights.kind == "random":
+        arrays = random_tfslim_weights(spec.tfslim, seed=zlib.crc32(spec.key.encode()) ^ seed)
+    else:
+        arrays = read_tfslim_weights(str(weights.path))
+    return build_tfslim_network(spec.tfslim, arrays)
+
+
 def _create(spec: ModelSpec, weights: Weights) -> nn.Module:
     """The timm network with `weights`. Hub weights go through timm's own pretrained path (its
     per-model checkpoint filters and label offsets apply); the file is read here, from the local
@@ -282,10 +378,15 @@ class PixelModel(nn.Module):
         std: tuple[float, ...],
         input_size: int,
         key: str = "",
+        label_offset: int = 0,
     ) -> None:
         super().__init__()
         self.net = net
         self.key = key
+        # Logit index of ImageNet class 0: 1 for the TF-slim networks, whose logit 0 is a
+        # background class. Evaluation predicts argmax - label_offset (background = -1, a wrong
+        # answer) and attacks take the loss at logit y + label_offset, as the released code.
+        self.label_offset = int(label_offset)
         self.input_size = int(input_size)
         self.autocast: torch.dtype | None = None  # bf16 speed mode; None = the model's dtype
         self.channels_last = False
@@ -328,6 +429,8 @@ class LoadedModel:
             "weight_file": self.weights.path,
             "sha256": self.weights.sha256,
             "hub_revision": self.weights.revision,
+            "tfslim": self.spec.tfslim if self.weights.kind == "tf2torch" else None,
+            "label_offset": self.model.label_offset,
             "input_size": self.model.input_size,
             "mean": self.model.mean.flatten().tolist(),
             "std": self.model.std.flatten().tolist(),
@@ -337,26 +440,34 @@ class LoadedModel:
 def build_model(
     spec: ModelSpec, weights: Weights, device: torch.device | str, seed: int = 0
 ) -> LoadedModel:
-    """Create the timm architecture, load `weights` into it, wrap it for [0,1] pixels, eval().
+    """Create the architecture (timm, or TF-slim for converted TF-slim weights), load `weights`
+    into it, wrap it for [0,1] pixels, eval().
 
     Random weights are drawn from a generator seeded by the model key and the run seed, so the
     same key is the same network as source and as target, in every run with that seed.
     """
-    cfg = pretrained_cfg(spec)
+    tfslim = weights.kind == "tf2torch" or spec.model is None
+    cfg = dict(TFSLIM_INPUT) if tfslim else pretrained_cfg(spec)
     try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(zlib.crc32(spec.key.encode()) ^ (seed & 0xFFFFFFFF))
-            net = _create(spec, weights)
+        if tfslim:
+            net = _tfslim_network(spec, weights, seed & 0xFFFFFFFF)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(zlib.crc32(spec.key.encode()) ^ (seed & 0xFFFFFFFF))
+                net = _create(spec, weights)
     except TypeError as e:
         raise UserError(f"Bad kwargs for {spec.model!r} ({spec.key!r}): {e}") from e
     size = spec.input_size or cfg.get("input_size", (3, 224, 224))[-1]
     mean = spec.mean or tuple(cfg.get("mean", timm.data.IMAGENET_DEFAULT_MEAN))
     std = spec.std or tuple(cfg.get("std", timm.data.IMAGENET_DEFAULT_STD))
-    model = PixelModel(net, mean, std, size, key=spec.key).eval().to(device)
+    offset = int(getattr(net, "label_offset", 0)) if tfslim else 0
+    model = PixelModel(net, mean, std, size, key=spec.key, label_offset=offset)
+    model = model.eval().to(device)
     model.requires_grad_(False)  # attacks need d loss / d input only
     return LoadedModel(spec, weights, model)
 
 
 def check_model_name(spec: ModelSpec) -> None:
-    """Fail fast on names timm does not know, before weights are fetched."""
+    """Fail fast on names timm does not know, before weights are fetched (TF-slim keys were
+    checked when the spec was made)."""
     pretrained_cfg(spec)

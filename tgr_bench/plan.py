@@ -56,7 +56,7 @@ def identity_of(cfg: Any) -> Identity:
         resolved = tuple(str(Path(f).expanduser().resolve()) for f in folders)
         return Identity(source=None, attack=None, params={}, adv_dir=resolved, **common)
     source = ModelSpec.from_cfg(cfg.source)
-    attack = build_attack(cfg.attack, source.model, source.key)
+    attack = build_attack(cfg.attack, source.arch, source.key)
     return Identity(source=source.identity(), attack=attack.label, params=attack.params(), **common)
 
 
@@ -99,7 +99,7 @@ def make_plan(cfg: Any, out_dir: Path) -> Plan:
     identity = identity_of(cfg)
     folders = adv_dirs(cfg)
     source = None if folders else ModelSpec.from_cfg(cfg.source)
-    attack = None if source is None else build_attack(cfg.attack, source.model, source.key)
+    attack = None if source is None else build_attack(cfg.attack, source.arch, source.key)
     specs = target_specs(cfg)
     if folders and not specs:
         raise UserError("adv_dir= evaluates against targets, but targets=none lists none.")
@@ -111,11 +111,12 @@ def make_plan(cfg: Any, out_dir: Path) -> Plan:
     for info in external:
         if not Path(info.folder).is_dir():
             raise UserError(f"Adversarial folder {info.folder} does not exist (adv_dir=...).")
-    source_weights = resolve_weights(source) if source else None
+    tf2torch_dir = cfg.get("tf2torch_dir")
+    source_weights = resolve_weights(source, tf2torch_dir) if source else None
     targets = []
     for spec in specs:
         try:
-            targets.append(Target(spec, resolve_weights(spec)))
+            targets.append(Target(spec, resolve_weights(spec, tf2torch_dir)))
         except MissingCheckpoint as e:
             # Weights timm lacks: evaluate the other targets, show this cell as missing (not 0).
             log.warning("Skipping target %s: %s", spec.key, e)

@@ -4,6 +4,7 @@ images, and check an existing set.
 Usage:
     tgr-bench-prepare build --val /data/imagenet/val --out data/val1000 [--per-class 1] [--seed 0]
     tgr-bench-prepare check data/val1000            # or the authors' clean_resized_images/
+    tgr-bench-prepare convert-tf2torch /data/tf2torch /data/tf2torch_safe    # no pickles later
 
 `--val` is either the validation folder sorted into one sub-folder per synset (n01440764/...,
 the usual layout after the devkit's valprep script; class index = sorted synset order, as
@@ -111,6 +112,33 @@ def check(root: Path) -> list[str]:
     return problems
 
 
+def convert_tf2torch(src: Path, dst: Path) -> list[Path]:
+    """Every converted TF-slim `.npy` of `src` (released `tf2torch_*` or public `tf_*` names)
+    rewritten once as `<released stem>.safetensors` in `dst`: later runs (`tf2torch_dir=dst`)
+    then read no pickle at all. The `.npy` files are unpickled with an allow-list (numpy arrays
+    and plain containers only); anything else is refused and never runs."""
+    from tgr_bench.tfslim import FILES, convert
+
+    if not src.is_dir():
+        raise UserError(f"{src} is not a folder of converted TF-slim weights (tf2torch_*.npy).")
+    written = []
+    for names in FILES.values():
+        for name in (names.released_name, names.public_name):
+            if (src / name).is_file():
+                out = dst / Path(names.released_name).with_suffix(".safetensors").name
+                dst.mkdir(parents=True, exist_ok=True)
+                meta = convert(src / name, out)
+                print(f"{src / name} -> {out} ({meta.get('key') or 'unknown model'})")
+                written.append(out)
+                break
+    if not written:
+        expected = ", ".join(n.released_name for n in FILES.values())
+        raise UserError(
+            f"No converted TF-slim weights in {src}; expected files such as {expected}."
+        )
+    return written
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
         prog="tgr-bench-prepare",
@@ -126,8 +154,16 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--seed", type=int, default=0)
     c = sub.add_parser("check", help="check an existing set")
     c.add_argument("root", type=Path)
+    t = sub.add_parser(
+        "convert-tf2torch", help="rewrite converted TF-slim .npy weights as safetensors, once"
+    )
+    t.add_argument("src", type=Path)
+    t.add_argument("dst", type=Path)
     args = p.parse_args(argv)
     try:
+        if args.command == "convert-tf2torch":
+            convert_tf2torch(args.src, args.dst)
+            sys.exit(0)
         if args.command == "build":
             n = build(args.val, args.out, args.labels, args.per_class, args.seed)
             print(f"wrote {n} images and labels.csv to {args.out}")

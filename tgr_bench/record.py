@@ -47,6 +47,8 @@ RESULT_COLUMNS = [
 ]
 
 STATUSES = ("running", "complete", "failed", "interrupted")
+# Columns read back as text: a run id or a hash may look like a number ("012345...").
+TEXT_COLUMNS = {"run_id": str, "target_sha256": str, "stem": str}
 
 
 def digest(content: Any) -> str:

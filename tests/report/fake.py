@@ -56,6 +56,7 @@ def fake_run(
     results: list[tuple] | None,
     status: str = "complete",
     targets: list[str] | None = None,
+    sha: str = "a" * 64,
 ) -> Path:
     """A crafting run directory; `results` None: the run stopped before writing results."""
     d = root / name
@@ -94,7 +95,7 @@ def fake_run(
                     "target": target,
                     "target_model": f"{target}.tag",
                     "target_weights": "hub",
-                    "target_sha256": "a" * 64,
+                    "target_sha256": sha,
                     "white_box": target == info.source,
                     "status": st,
                     **c,

@@ -80,3 +80,17 @@ def test_a_failed_run_superseded_by_a_complete_one_is_noted(tmp_path: Path):
     cells = collect([tmp_path], note=lines.append)
     assert cells.iloc[0].status == "ok" and cells.iloc[0].run_dirs.endswith("done")
     assert any("died" in line and "superseded" in line for line in lines)
+
+
+def test_two_weight_files_of_one_target_are_two_columns(tmp_path: Path):
+    """The same images evaluated on two weight files of pit_b: both kept, never mixed."""
+    ident = identity("vit_base", "mi")
+    fake_run(tmp_path, "hub", ident, [ok("pit_b", 4), ok("deit_b", 1)], sha="a" * 64)
+    fake_run(tmp_path, "other", ident, [ok("pit_b", 7)], sha="b" * 64)
+    cells = collect([tmp_path])
+    assert sorted(cells.column) == ["deit_b", "pit_b [hub aaaaaaaa]", "pit_b [hub bbbbbbbb]"]
+    table = paper_table(cells)
+    assert (table["pit_b [hub aaaaaaaa]"].tolist(), table["pit_b [hub bbbbbbbb]"].tolist()) == (
+        ["40.0"],
+        ["70.0"],
+    )

@@ -153,6 +153,9 @@ class Attack:
         `seeds` (Python ints, one per image) drive every random draw of that image; being host
         values, reading them never waits for the device.
         """
+        # The loss is taken at logit y + label_offset (1 on the TF-slim networks, whose logit 0
+        # is a background class), as the released code did.
+        y = y + int(getattr(model, "label_offset", 0))
         delta = torch.zeros_like(x)
         g = torch.zeros_like(x)
         for step in range(self.steps):

@@ -106,9 +106,7 @@ def random_model(
     """A catalogue key (its architecture, kwargs and input size) or a timm name, with random
     weights: timing does not depend on them."""
     if name in model_keys():
-        spec = replace(
-            model_spec(name), pretrained=False, checkpoint=None, requires_checkpoint=False
-        )
+        spec = replace(model_spec(name), pretrained=False, checkpoint=None)
     else:
         spec = ModelSpec(key=name, model=name, pretrained=False)
     return spec, build_model(spec, Weights("random"), device).model.set_speed(precision)

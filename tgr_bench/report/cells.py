@@ -24,6 +24,7 @@ from tgr_bench.record import AdvSetInfo, Identity
 from tgr_bench.report.runs import LoadedRun, load_runs
 
 GROUPS = ("vits", "cnns", "defended")
+TARGET_WEIGHTS = ("target_sha256", "target_weights")  # which weight file a target's cell used
 
 
 @cache
@@ -87,7 +88,7 @@ def _units(run: LoadedRun) -> list[dict[str, Any]]:
             {
                 **base,
                 "target": row["target"],
-                "target_sha256": row["target_sha256"] if pd.notna(row["target_sha256"]) else None,
+                **{k: row[k] if pd.notna(row[k]) else None for k in TARGET_WEIGHTS},
                 "status": row["status"],
                 **{c: int(row[c]) if pd.notna(row[c]) else 0 for c in COUNTS},
             }
@@ -130,6 +131,8 @@ def _merge(members: list[dict[str, Any]], note: Callable[[str], None]) -> dict[s
     cell["run_dirs"] = ";".join(sorted({u["run_dir"] for u in units}))
     shas = {u.get("target_sha256") for u in units if u.get("target_sha256")}
     cell["target_sha256"] = ";".join(sorted(shas)) if shas else None
+    kinds = {u.get("target_weights") for u in units if u.get("target_weights")}
+    cell["target_weights"] = ";".join(sorted(kinds)) if kinds else None
     if statuses & {"failed", "incomplete"} or present != set(range(num_shards)):
         cell["status"] = "failed" if "failed" in statuses else "incomplete"
         return cell
@@ -140,17 +143,45 @@ def _merge(members: list[dict[str, Any]], note: Callable[[str], None]) -> dict[s
     return {**cell, "status": "ok", **total, **rates(total)}
 
 
+def _by_weights(members: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """The units of one (cell, target), split by the target's weight file: results on other
+    weights are other cells. A run that did not finish (no weights known) joins each part."""
+    shas = sorted({u["target_sha256"] for u in members if u.get("target_sha256")})
+    if len(shas) < 2:
+        return [members]
+    unknown = [u for u in members if not u.get("target_sha256")]
+    return [[u for u in members if u.get("target_sha256") == s] + unknown for s in shas]
+
+
+def _columns(frame: pd.DataFrame) -> pd.Series:
+    """The table column of each cell: the target key, or `key [kind sha]` when the cells of one
+    key come from more than one weight file (a column never mixes two files unannounced)."""
+    column = frame.target.astype(object).copy()
+    for target, part in frame.groupby("target", sort=False):
+        files = {s for s in part.target_sha256.dropna() if s}
+        if len(files) < 2:
+            continue
+        for idx in part.index:
+            sha = frame.at[idx, "target_sha256"]
+            if isinstance(sha, str) and sha:
+                kind = frame.at[idx, "target_weights"] or "weights"
+                column[idx] = f"{target} [{kind} {sha[:8]}]"
+    return column
+
+
 def cells(runs: list[LoadedRun], note: Callable[[str], None] = print) -> pd.DataFrame:
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for run in runs:
         for u in _units(run):
             groups.setdefault((u["cell"], u["target"]), []).append(u)
-    frame = pd.DataFrame([_merge(members, note) for members in groups.values()])
-    for c in (*COUNTS, *RATES):
+    merged = [_merge(part, note) for members in groups.values() for part in _by_weights(members)]
+    frame = pd.DataFrame(merged)
+    for c in (*COUNTS, *RATES, "target_sha256", "target_weights"):
         if c not in frame:
-            frame[c] = float("nan")
+            frame[c] = None if c.startswith("target_") else float("nan")
     frame["white_box"] = frame.target == frame.source
     frame["group"] = frame.target.map(lambda t: target_groups().get(t, "other"))
+    frame["column"] = _columns(frame)
     return frame
 
 

@@ -11,7 +11,13 @@ from rich.console import Console
 
 from tgr_bench.atomic import atomic_write
 from tgr_bench.metrics import DESCRIPTION, RATES
-from tgr_bench.record import PREDICTIONS_CSV, RESULT_COLUMNS, RESULTS_CSV, RESULTS_MD
+from tgr_bench.record import (
+    PREDICTIONS_CSV,
+    RESULT_COLUMNS,
+    RESULTS_CSV,
+    RESULTS_MD,
+    TEXT_COLUMNS,
+)
 from tgr_bench.report.writers import print_table, to_markdown
 
 
@@ -34,7 +40,27 @@ def text_frame(df: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
     return out
 
 
+def keep_other_weights(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
+    """Rows of an earlier evaluation in this run directory that the new one does not replace:
+    those of a target evaluated on other weights (another sha256). Evaluating the same images on
+    other weights for a key adds rows; it never overwrites the earlier ones."""
+    if old.empty or "target_sha256" not in old:
+        return old.iloc[0:0]
+    replaced = set(zip(new.run_id, new.target, new.target_sha256.fillna(""), strict=True))
+    key = zip(old.run_id, old.target, old.target_sha256.fillna(""), strict=True)
+    keep = [k not in replaced for k in key]
+    if "status" in old:  # a cell that had no weights is superseded, not kept beside
+        keep = [k and s == "ok" for k, s in zip(keep, old.status, strict=True)]
+    return old[keep]
+
+
 def write_run_results(df: pd.DataFrame, predictions: pd.DataFrame, out_dir: Path) -> None:
+    if (out_dir / RESULTS_CSV).is_file():
+        old = pd.read_csv(out_dir / RESULTS_CSV, dtype=TEXT_COLUMNS)
+        df = pd.concat([keep_other_weights(old, df), df])
+    if (out_dir / PREDICTIONS_CSV).is_file():
+        old = pd.read_csv(out_dir / PREDICTIONS_CSV, dtype=TEXT_COLUMNS)
+        predictions = pd.concat([keep_other_weights(old, predictions), predictions])
     atomic_write(out_dir / RESULTS_CSV, df.to_csv(index=False, float_format="%.4f").encode())
     note = f"{DESCRIPTION} The white-box row (source = target) is not a transfer result.\n\n"
     shown = [c for c in RESULT_COLUMNS if c not in ("run_id", "target_sha256")]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from tgr_bench.errors import UserError
-from tgr_bench.record import RESULTS_CSV, RUN_JSON, RunRecord
+from tgr_bench.record import RESULTS_CSV, RUN_JSON, TEXT_COLUMNS, RunRecord
 
 
 @dataclass
@@ -52,7 +52,7 @@ def load_runs(paths: list[str | Path], note: Callable[[str], None]) -> list[Load
             continue
         results = None
         if record.complete and (path / RESULTS_CSV).is_file():
-            results = pd.read_csv(path / RESULTS_CSV)
+            results = pd.read_csv(path / RESULTS_CSV, dtype=TEXT_COLUMNS)
         runs.append(LoadedRun(path, record, results))
     if not runs:
         raise UserError(f"No run records (run.json) under {[str(p) for p in paths]}.")

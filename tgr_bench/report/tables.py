@@ -64,9 +64,10 @@ def row_labels(cells: pd.DataFrame) -> pd.Series:
 
 
 def target_order(cells: pd.DataFrame) -> list[str]:
-    known = list(target_groups())
-    present = list(dict.fromkeys(cells.target))
-    return [t for t in known if t in present] + sorted(t for t in present if t not in known)
+    """Table columns: the paper's target order, a key's weight-file variants together."""
+    known = {t: i for i, t in enumerate(target_groups())}
+    present = dict(zip(cells.column, cells.target, strict=True))
+    return sorted(present, key=lambda c: (known.get(present[c], len(known)), present[c], c))
 
 
 def paper_table(cells: pd.DataFrame, metric: str = "asr") -> pd.DataFrame:
@@ -78,14 +79,14 @@ def paper_table(cells: pd.DataFrame, metric: str = "asr") -> pd.DataFrame:
     groups = [g for g in (*GROUPS, "other") if (cells.group == g).any()]
     rows = []
     for (source, label), part in cells.groupby(["source", "label"], sort=False):
-        if part.target.duplicated().any():  # two cells, one label: never show one of them
-            dup = part[part.target.duplicated(keep=False)]
+        if part.column.duplicated().any():  # two cells, one label: never show one of them
+            dup = part[part.column.duplicated(keep=False)]
             raise UserError(
                 f"Runs {'; '.join(sorted(set(dup.run_dirs)))} land in one row ({source} / "
                 f"{label}) with nothing in their records telling them apart. Report them "
                 f"separately."
             )
-        by_target = {r.target: r for r in part.itertuples()}
+        by_target = {r.column: r for r in part.itertuples()}
         row: dict[str, object] = {"source": source, "attack": label}
         for t in targets:
             row[t] = _cell(by_target.get(t), metric)
