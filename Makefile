@@ -12,7 +12,11 @@ ATTACKS ?= mi,vmi,sgm,pna,tgr
 RUNS ?= multirun
 LAUNCHER ?=
 ARGS ?=
-SWEEP = $(BIN)/tgr-bench -m data.root=$(DATA) $(LAUNCHER) $(ARGS)
+# Folder of the converted TF-slim weights the paper's CNN and defended targets used
+# (tf2torch_*.npy from github.com/ylhz/tf_to_pytorch_model, release v1.0). Without it, Table 2
+# uses timm's ports where timm has them and shows n/a for Res-v2-101 and Inc-v3-ens3/4.
+TF2TORCH ?=
+SWEEP = $(BIN)/tgr-bench -m data.root=$(DATA) $(if $(TF2TORCH),tf2torch_dir=$(TF2TORCH)) $(LAUNCHER) $(ARGS)
 REPORT = $(BIN)/tgr-bench-report
 
 .PHONY: help install smoke test lint clean paper-runs table1 table2 table3 ablation-k \
@@ -22,8 +26,10 @@ help:  ## list the targets
 	@echo "tgr-bench make targets (venv: $(VENV); paper data: DATA=$(DATA))"
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-20s %s\n", $$1, $$2}'
 	@echo "Paper targets need a GPU, the 1000-image set (DATA=..., see README) and either network"
-	@echo "for the timm weights or a filled Hugging Face cache; res_v2_101, inc_v3_ens3/4 need"
-	@echo "checkpoints (ARGS='targets.res_v2_101.checkpoint=...'). Times: one H100/A100, fp32."
+	@echo "for the timm weights or a filled Hugging Face cache. The CNN and defended columns of"
+	@echo "Table 2 as the paper computed them need TF2TORCH=<folder of tf2torch_*.npy> (published"
+	@echo "at github.com/ylhz/tf_to_pytorch_model, release v1.0); without it Res-v2-101 and"
+	@echo "Inc-v3-ens3/4 read n/a and the other four use timm's ports. Times: one H100/A100, fp32."
 	@echo "Runs resume: re-running a target finishes what is missing. LAUNCHER=hydra/launcher=slurm"
 	@echo "sends every run to Slurm (conf/hydra/launcher/slurm.yaml)."
 
@@ -50,7 +56,7 @@ paper-runs: $(STAMP)  ## GPU+data: 4 sources x 5 attacks on all 15 targets, once
 table1: paper-runs  ## GPU+data: Table 1, ViT targets -> results/table1/
 	$(REPORT) $(RUNS)/paper --groups vits --out results/table1
 
-table2: paper-runs  ## GPU+data: Table 2, CNN and defended targets -> results/table2/
+table2: paper-runs  ## GPU+data(+TF2TORCH=dir): Table 2, CNN and defended targets -> results/table2/
 	$(REPORT) $(RUNS)/paper --groups cnns,defended --out results/table2
 
 table3: $(STAMP)  ## GPU+data: Table 3, PNA+PatchOut vs TGR+PatchOut, all targets (~20 min)
@@ -64,6 +70,12 @@ ablation-k: $(STAMP)  ## GPU+data: TGR on vit_base, k = 1,2,4,8,16 -> plot and t
 ablation-components: $(STAMP)  ## GPU+data: TGR on vit_base, every subset of attn/qkv/mlp -> bar chart (~15 min)
 	$(SWEEP) source=vit_base attack=tgr 'attack.components=[attn],[qkv],[mlp],[attn,qkv],[attn,mlp],[qkv,mlp],[attn,qkv,mlp]' targets=paper hydra.sweep.dir=$(RUNS)/ablation_components
 	$(REPORT) $(RUNS)/ablation_components --components --out results/ablation_components
+
+.PHONY: table4
+table4: $(STAMP)  ## GPU+data: Table 4, gradient variance per block of vit_base (mi, vmi, tgr, tgr_nozero) -> results/table4/ (~10 min)
+	$(BIN)/tgr-bench-variance source=vit_base 'attacks=[mi,vmi,tgr,tgr_nozero]' data.root=$(DATA) $(ARGS) hydra.run.dir=$(RUNS)/table4
+	mkdir -p results/table4
+	cp $(RUNS)/table4/variance.{csv,md,tex,png,json} results/table4/
 
 clean:  ## remove run outputs (not .venv, not results/)
 	rm -rf outputs multirun build dist *.egg-info
