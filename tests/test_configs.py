@@ -36,7 +36,8 @@ def test_the_groups_are_the_documented_ones():
 def test_every_option_composes_to_a_valid_run(group: str, option: str):
     cfg = compose_with(f"{group}={option}")
     attack = build_attack(cfg.attack, model_spec(cfg.source.key).arch, cfg.source.key)
-    assert attack.params()["eps"] == 16.0
+    smoke = (group, option) == ("experiment", "smoke")
+    assert attack.params()["eps"] == (1.0 if smoke else 16.0)  # the smoke run: 1 level
     check_model_name(model_spec(cfg.source.key))
     for spec in target_specs(cfg):
         check_model_name(spec)

@@ -29,6 +29,8 @@ def test_streamed_run_equals_one_in_memory_batch(make_cfg, tmp_path: Path, csv_s
     out = tmp_path / "run"
     cfg = make_cfg(
         "experiment=smoke",
+        "source=test_vit",
+        "attack.eps=16",
         "data=folder",
         f"data.root={csv_set}",
         "attack.steps=3",

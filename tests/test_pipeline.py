@@ -20,12 +20,19 @@ from tgr_bench.pipeline import run
 from tgr_bench.record import RunRecord
 
 SMOKE_TARGETS = ["test_vit", "test_convnext", "test_efficientnet"]
+# The smoke experiment with a tiny ViT source and, as targets, itself and two tiny CNNs.
+TINY_VIT_AND_CNNS = (
+    "source=test_vit",
+    "attack.eps=16",
+    "targets=none",
+    *(f"+source@targets.{key}={key}" for key in SMOKE_TARGETS),
+)
 
 
 def target_checkpoints(tmp_path: Path) -> tuple[list[str], dict[str, torch.nn.Module]]:
-    """Fixed weights for the smoke's CNN targets, so the test can recompute their predictions;
-    the ViT target keeps the source's (seeded random) weights: it is the white-box cell."""
-    overrides, nets = [], {}
+    """Fixed weights for the CNN targets, so the test can recompute their predictions; the ViT
+    target keeps the source's (seeded random) weights: it is the white-box cell."""
+    overrides, nets = list(TINY_VIT_AND_CNNS), {}
     for i, key in enumerate(SMOKE_TARGETS[1:]):
         torch.manual_seed(100 + i)
         net = timm.create_model(f"{key}.r160_in1k", pretrained=False).eval()
@@ -50,7 +57,7 @@ def predict_independently(net: torch.nn.Module, images: torch.Tensor) -> torch.T
 def test_smoke_experiment_end_to_end(make_cfg, tmp_path: Path):
     overrides, nets = target_checkpoints(tmp_path)
     out = tmp_path / "run"
-    record = run(make_cfg("experiment=smoke", *overrides), output_dir=out)
+    record = run(make_cfg("experiment=smoke", "data.n=8", *overrides), output_dir=out)
 
     clean = synthetic(8)
     pngs = sorted((out / "images").glob("*.png"))
@@ -133,8 +140,9 @@ def test_many_folders_one_invocation_each_target_loaded_once(
     make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     common = ("experiment=smoke", "data.n=3", "data.labels=random", "attack.steps=2")
-    run(make_cfg(*common, "targets=none"), output_dir=tmp_path / "mi")
-    run(make_cfg(*common, "attack=tgr", "targets=none"), output_dir=tmp_path / "tgr")
+    craft_only = ("source=test_vit", "attack.eps=16", "targets=none")
+    run(make_cfg(*common, *craft_only), output_dir=tmp_path / "mi")
+    run(make_cfg(*common, *craft_only, "attack=tgr"), output_dir=tmp_path / "tgr")
     other = tmp_path / "other_tool"
     other.mkdir()
     for p in (tmp_path / "mi" / "images").iterdir():
@@ -150,7 +158,10 @@ def test_many_folders_one_invocation_each_target_loaded_once(
         evaluate, "predict", lambda *a, **k: predicted.append(1) or real_predict(*a, **k)
     )
     folders = f"[{tmp_path / 'mi' / 'images'},{tmp_path / 'tgr' / 'images'},{other}]"
-    run(make_cfg(*common, f"adv_dir={folders}", "cache_dir=null"), output_dir=tmp_path / "eval")
+    run(
+        make_cfg(*common, *TINY_VIT_AND_CNNS, f"adv_dir={folders}", "cache_dir=null"),
+        output_dir=tmp_path / "eval",
+    )
     assert built == SMOKE_TARGETS  # each target loaded once for all three folders
     assert len(predicted) == 3 * (1 + 3)  # per target: clean once, then each folder
     df = pd.read_csv(tmp_path / "eval" / "results.csv")
@@ -295,10 +306,11 @@ def _peak_rss_mb(n: int, tmp_path: Path) -> float:
 
 
 def test_peak_memory_does_not_grow_with_the_number_of_images(tmp_path: Path):
-    """Pixels live only for the batches in flight: ten times the images, about the same peak
-    (the run before streaming grew by about 2 MB per image)."""
-    small, large = _peak_rss_mb(30, tmp_path), _peak_rss_mb(300, tmp_path)
-    assert large - small < 120, (small, large)
+    """Pixels live only for the batches in flight: three times the images, about the same peak
+    (the run before streaming grew by about 2 MB per image, 800 MB here). Both sizes are past
+    the first batches, where thread pools and the allocator settle."""
+    small, large = _peak_rss_mb(200, tmp_path), _peak_rss_mb(600, tmp_path)
+    assert large - small < 100, (small, large)
 
 
 def test_other_target_weights_add_rows_and_never_overwrite(make_cfg, tmp_path: Path):
@@ -310,7 +322,7 @@ def test_other_target_weights_add_rows_and_never_overwrite(make_cfg, tmp_path: P
     net = timm.create_model("test_convnext.r160_in1k", pretrained=False)
     other = tmp_path / "convnext_other.pth"
     torch.save(net.state_dict(), other)
-    swapped = [o for o in overrides if "test_convnext" not in o]
+    swapped = [o for o in overrides if not o.startswith("targets.test_convnext.checkpoint=")]
     run(
         make_cfg(*common, *swapped, f"targets.test_convnext.checkpoint={other}"),
         output_dir=tmp_path / "run",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -149,3 +150,65 @@ def test_make_targets_run_the_documented_commands():
     assert "'attack.components=[attn],[qkv],[mlp]" in out
     help_ = subprocess.run(["make", "help"], cwd=ROOT, capture_output=True, text=True).stdout
     assert "GPU+data" in help_ and "table1" in help_ and "ablation-k" in help_
+
+
+def _paper_like_archive(path: Path, n: int, size: int = 224) -> None:
+    """A zip laid out like the authors' repository archive (top folder, other files beside)."""
+    import zipfile
+
+    from tests.conftest import write_images
+
+    folder = path.parent / "repo"
+    stems = write_images(folder / "clean_resized_images", n, size=size)
+    labels = {f"{s}.JPEG": {"class_id": i, "class_name": f"c{i}"} for i, s in enumerate(stems)}
+    with zipfile.ZipFile(path, "w") as z:
+        for png in sorted((folder / "clean_resized_images").iterdir()):
+            z.write(png, f"TGR-master/clean_resized_images/{png.name}")
+        z.writestr("TGR-master/image_name_to_class_id_and_name.json", json.dumps(labels))
+        z.writestr("TGR-master/attack.py", "print('not needed')\n")
+
+
+@pytest.fixture
+def http_server(tmp_path: Path):
+    """A local HTTP server on 127.0.0.1 serving tmp_path/www."""
+    import functools
+    import http.server
+    import threading
+
+    root = tmp_path / "www"
+    root.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_fetch_paper_set_downloads_checks_and_says_what_to_pass(http_server, tmp_path, capsys):
+    root, base = http_server
+    _paper_like_archive(root / "set.zip", 3)
+    dest = tmp_path / "tgr1000"
+    with pytest.raises(SystemExit) as done:
+        prepare(["fetch-paper-set", str(dest), "--url", f"{base}/set.zip", "--expect", "3"])
+    assert done.value.code == 0
+    images = dest / "clean_resized_images"
+    assert len(list(images.glob("*.png"))) == 3 and not (dest / "attack.py").exists()
+    assert f"data.root={images}" in capsys.readouterr().out
+    assert len(load_folder(images)) == 3  # the folder works as data.root
+    with pytest.raises(SystemExit) as wrong:
+        prepare(["fetch-paper-set", str(dest), "--expect", "1000"])  # already there: checked
+    assert wrong.value.code == 2 and "holds 3 PNGs, expected 1000" in capsys.readouterr().err
+
+
+def test_fetch_paper_set_refuses_a_wrong_set_and_leaves_nothing(http_server, tmp_path, capsys):
+    root, base = http_server
+    _paper_like_archive(root / "small.zip", 2, size=64)
+    dest = tmp_path / "bad"
+    with pytest.raises(SystemExit) as e:
+        prepare(["fetch-paper-set", str(dest), "--url", f"{base}/small.zip", "--expect", "2"])
+    assert e.value.code == 2 and "not 224x224" in capsys.readouterr().err
+    assert not (dest / "clean_resized_images").exists()  # a failed check leaves nothing
+    with pytest.raises(SystemExit) as e:
+        prepare(["fetch-paper-set", str(tmp_path / "x"), "--url", f"{base}/missing.zip"])
+    assert e.value.code == 2 and "Cannot download" in capsys.readouterr().err
+    assert not list((tmp_path / "x").glob("clean_resized_images"))

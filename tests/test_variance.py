@@ -205,7 +205,10 @@ def test_tables_and_plot_are_written_and_read_back(tmp_path: Path):
 # ---- 5. config and console script ---------------------------------------------------------------
 def test_every_attack_config_is_offered_with_its_defaults():
     with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
-        cfg = compose("variance", overrides=["experiment=smoke", "attack_overrides.vmi.beta=1.0"])
+        cfg = compose(
+            "variance",
+            overrides=["experiment=smoke", "source=test_vit", "attack_overrides.vmi.beta=1.0"],
+        )
     offered = cfg.attack_overrides
     assert set(choices("attack")) | {"tgr_nozero"} == set(offered)
     assert offered.tgr_nozero.zero is False and offered.tgr.zero is True
@@ -218,7 +221,13 @@ def test_run_called_directly_and_again(tmp_path: Path):
     analysis again finds it complete and computes nothing."""
     from tgr_bench.variance import run
 
-    overrides = ["experiment=smoke", "attacks=[mi,sgm]", "data.n=3", "batch_size=2"]
+    overrides = [
+        "experiment=smoke",
+        "source=test_vit",
+        "attacks=[mi,sgm]",
+        "data.n=3",
+        "batch_size=2",
+    ]
     overrides += [f"attack_overrides.{a}.steps=1" for a in ("mi", "sgm")]
     with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
         cfg = compose("variance", overrides=overrides)
@@ -239,6 +248,7 @@ def test_console_script_writes_every_file(tmp_path: Path):
     out = tmp_path / "run"
     r = script(
         "experiment=smoke",
+        "source=test_vit",
         "attacks=[mi,tgr]",
         "data.n=2",
         "attack_overrides.mi.steps=2",
@@ -267,7 +277,13 @@ def test_console_script_writes_every_file(tmp_path: Path):
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path: Path, args: list[str], message: str):
-    r = script("experiment=smoke", *args, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    r = script(
+        "experiment=smoke",
+        "source=test_vit",
+        *args,
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+    )
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("tgr-bench-variance: error: ")

@@ -44,6 +44,7 @@ class DataSpec:
     num_shards: int = 1
     shard: int = 0
     allow_unlabeled: bool = False  # skip (and count) images that have no label instead of failing
+    only_present: bool = False  # adv_dir: evaluate the clean images every folder has, not all
     n: int = 8  # synthetic
     size: int = 224
     seed: int = 0
@@ -88,7 +89,8 @@ class DataSpec:
         that shards of one selection merge)."""
         if self.kind == "folder":
             root = str(Path(str(self.root)).expanduser().resolve())
-            return {"kind": "folder", "root": root, "limit": self.limit}
+            selection = {"kind": "folder", "root": root, "limit": self.limit}
+            return selection | ({"only_present": True} if self.only_present else {})
         return {
             "kind": "synthetic",
             "n": self.n,
@@ -322,6 +324,14 @@ def load_dataset(spec: DataSpec) -> ImageSet:
     return load_folder(spec.root, spec.limit, spec.num_shards, spec.shard, spec.allow_unlabeled)
 
 
+def present_stems(folder: str | Path) -> set[str]:
+    """The image names a folder holds (for data.only_present)."""
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        raise UserError(f"Adversarial folder {path} does not exist (adv_dir=...).")
+    return set(_images_by_stem(path))
+
+
 def adversarial_pixels(folder: str | Path, clean: ImageSet) -> FilePixels:
     """The adversarial images `<folder>/<clean stem>.png` of every clean image, checked like
     clean ones (present, readable, the clean image's size) and decoded on demand."""
@@ -333,7 +343,8 @@ def adversarial_pixels(folder: str | Path, clean: ImageSet) -> FilePixels:
     if missing:
         raise UserError(
             f"{len(missing)} of {len(clean)} clean images have no adversarial image in {folder}, "
-            f"e.g. {missing[:3]} (expected <clean stem>.png)."
+            f"e.g. {missing[:3]} (expected <clean stem>.png). To evaluate just the images the "
+            f"folder has, pass data.only_present=true."
         )
     paths = [found[s] for s in clean.stems]
     for path, info in zip(paths, inspect_files(paths), strict=True):

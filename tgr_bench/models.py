@@ -64,6 +64,10 @@ class ModelSpec:
     pretrained: bool = True
     checkpoint: str | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
+    # A relative of another model (offline smoke targets): the seeded random weights of the key
+    # `copy_of`, plus Gaussian noise of `noise` times each tensor's standard deviation.
+    copy_of: str | None = None
+    noise: float = 0.0
     mean: tuple[float, ...] | None = None  # None: from the tag's pretrained config
     std: tuple[float, ...] | None = None
     input_size: int | None = None
@@ -91,6 +95,11 @@ class ModelSpec:
                 f"Model entry {spec.key!r} names neither a timm model (model=) nor TF-slim "
                 f"weights (tfslim=); see conf/schema/model.yaml."
             )
+        if spec.copy_of is not None and (spec.pretrained or spec.checkpoint or spec.tfslim):
+            raise UserError(
+                f"Model entry {spec.key!r}: copy_of= derives from seeded random weights only "
+                f"(pretrained: false, no checkpoint, no tfslim)."
+            )
         if spec.tfslim is not None and spec.tfslim not in TFSLIM_FILES:
             raise UserError(
                 f"Model entry {spec.key!r}: tfslim={spec.tfslim!r} is not a TF-slim key; the "
@@ -114,6 +123,7 @@ class ModelSpec:
             "pretrained": self.pretrained,
             "checkpoint": checkpoint,
             "kwargs": self.kwargs,
+            **({"copy_of": self.copy_of, "noise": self.noise} if self.copy_of else {}),
             "mean": list(self.mean) if self.mean else None,
             "std": list(self.std) if self.std else None,
             "input_size": self.input_size,
@@ -346,6 +356,15 @@ def _tfslim_network(spec: ModelSpec, weights: Weights, seed: int) -> nn.Module:
     return build_tfslim_network(spec.tfslim, arrays)
 
 
+@torch.no_grad()
+def _add_noise(net: nn.Module, scale: float, seed: int) -> None:
+    """Every parameter plus N(0, (scale * its own std)^2), from a generator seeded here."""
+    g = torch.Generator().manual_seed(seed & 0xFFFFFFFF)
+    for p in net.parameters():
+        if p.numel() > 1 and p.is_floating_point():
+            p.add_(torch.randn(p.shape, generator=g) * (scale * float(p.std())))
+
+
 def _create(spec: ModelSpec, weights: Weights) -> nn.Module:
     """The timm network with `weights`. Hub weights go through timm's own pretrained path (its
     per-model checkpoint filters and label offsets apply); the file is read here, from the local
@@ -425,6 +444,8 @@ class LoadedModel:
         return {
             "key": self.spec.key,
             "model": self.spec.model,
+            "copy_of": self.spec.copy_of,
+            "noise": self.spec.noise if self.spec.copy_of else None,
             "weights": self.weights.kind,
             "weight_file": self.weights.path,
             "sha256": self.weights.sha256,
@@ -453,8 +474,11 @@ def build_model(
             net = _tfslim_network(spec, weights, seed & 0xFFFFFFFF)
         else:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(zlib.crc32(spec.key.encode()) ^ (seed & 0xFFFFFFFF))
+                start = spec.copy_of or spec.key  # a relative starts from its original's weights
+                torch.manual_seed(zlib.crc32(start.encode()) ^ (seed & 0xFFFFFFFF))
                 net = _create(spec, weights)
+                if spec.copy_of:
+                    _add_noise(net, spec.noise, zlib.crc32(spec.key.encode()) ^ seed)
     except TypeError as e:
         raise UserError(f"Bad kwargs for {spec.model!r} ({spec.key!r}): {e}") from e
     size = spec.input_size or cfg.get("input_size", (3, 224, 224))[-1]

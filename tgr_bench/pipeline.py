@@ -10,13 +10,13 @@ from typing import Any
 
 from omegaconf import DictConfig
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from tgr_bench import provenance
 from tgr_bench.advsets import AdvSet, linf_levels_max, load_sets
+from tgr_bench.console import make_console, progress, to_log_files
 from tgr_bench.crafting import craft
 from tgr_bench.data import ImageSet
-from tgr_bench.errors import UserError
+from tgr_bench.errors import Interrupted, Terminated, UserError, exit_code_of
 from tgr_bench.evaluate import CleanCache, evaluate_sets, predict
 from tgr_bench.models import LoadedModel, build_model
 from tgr_bench.plan import Plan, make_plan
@@ -35,17 +35,6 @@ def _output_dir(output_dir: str | Path | None) -> Path:
     if HydraConfig.initialized():
         return Path(HydraConfig.get().runtime.output_dir)
     raise UserError("No output directory: call run(cfg, output_dir=...) or run through tgr-bench.")
-
-
-def _progress(console: Console) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=False,
-    )
 
 
 def _new_record(plan: Plan) -> RunRecord:
@@ -128,7 +117,7 @@ def craft_images(
             "data_sha256": data.digest,
         },
     )
-    with _progress(console) as progress:
+    with progress(console) as bars:
         record.crafting = craft(
             attack=plan.attack,
             source=source,
@@ -138,7 +127,7 @@ def craft_images(
             batch_size=rt.batch_size,
             device=rt.device,
             seed=rt.seed,
-            progress=progress,
+            progress=bars,
         )
     (own,) = load_sets(record.sets, data)  # evaluate what was saved, read back from the PNGs
     return own
@@ -148,7 +137,7 @@ def evaluate_step(
     *, plan: Plan, record: RunRecord, data: ImageSet, sets: list[AdvSet], console: Console
 ) -> tuple[list[dict[str, Any]], Any]:
     rt = plan.runtime
-    with _progress(console) as progress:
+    with progress(console) as bars:
         rows, loaded, predictions = evaluate_sets(
             targets=[(t.spec, t.weights) for t in plan.targets],
             data=data,
@@ -157,7 +146,7 @@ def evaluate_step(
             device=rt.device,
             seed=rt.seed,
             cache=CleanCache(rt.cache_dir),
-            progress=progress,
+            progress=bars,
             precision=rt.precision,
         )
     record.targets = loaded
@@ -185,9 +174,24 @@ def write_step(
     record.save(plan.out_dir)
 
 
+def _stopped_summary(plan: Plan, data: ImageSet, signal_error: BaseException) -> str:
+    """One line for a run stopped by a signal: what is saved, how to resume."""
+    what = "Ctrl-C" if isinstance(signal_error, KeyboardInterrupt) else "SIGTERM"
+    if plan.crafting:
+        saved = len(Manifest.entries(plan.out_dir / MANIFEST))
+        return (
+            f"stopped by {what}: {saved}/{len(data)} images saved and recorded in "
+            f"{plan.out_dir}; re-run the same command to resume (no results written yet)."
+        )
+    return (
+        f"stopped by {what} while evaluating; nothing was written to {plan.out_dir} but its "
+        f"record; re-run the same command to evaluate again."
+    )
+
+
 def run(cfg: DictConfig, output_dir: str | Path | None = None) -> RunRecord:
     """Validate, craft, evaluate, write results.csv / results.md / run.json; return the record."""
-    console = Console(stderr=True)
+    console = make_console()
     plan = make_plan(cfg, _output_dir(output_dir))
     done = finished(plan.out_dir, plan.config, plan.data.stems)
     if done is not None:
@@ -234,20 +238,28 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> RunRecord:
                     console=console,
                 )
             except BaseException as e:
-                record.status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+                stopped = isinstance(e, KeyboardInterrupt | Terminated)
+                record.status = "interrupted" if stopped else "failed"
                 record.error = f"{type(e).__name__}: {e}"
                 record.finished = provenance.now()
                 with contextlib.suppress(Exception):
                     record.save(plan.out_dir)
+                if stopped:
+                    raise Interrupted(_stopped_summary(plan, data, e), exit_code_of(e)) from e
                 raise
     c = record.crafting
-    summary = (
-        f"{len(data)} images: {c.attacked} attacked, {c.resumed} resumed from an earlier run, "
-        f"0 failed"
-    )
+    if plan.crafting:
+        summary = (
+            f"{len(data)} images: {c.attacked} attacked, {c.resumed} resumed from an earlier "
+            f"run, 0 failed"
+        )
+    else:
+        summary = f"evaluated {len(data)} images of {len(record.sets)} folder(s)"
+        if plan.present_of is not None:
+            summary += f" (the ones present, of {plan.present_of} clean images)"
     if data.unlabeled_skipped:
         summary += f", {data.unlabeled_skipped} skipped without a label"
     summary += f"; results in {plan.out_dir}"
     console.print(f"[green]done:[/green] {summary}")
-    log.info("Run complete: %s", summary)
+    to_log_files(logging.INFO, f"Run complete: {summary}")
     return record

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from tgr_bench.advsets import describe_folder
 from tgr_bench.attacks import Attack, build_attack
-from tgr_bench.data import DataSpec, ImageSet, load_dataset
+from tgr_bench.data import DataSpec, ImageSet, load_dataset, present_stems
 from tgr_bench.errors import UserError
 from tgr_bench.models import (
     MissingCheckpoint,
@@ -88,10 +88,28 @@ class Plan:
     source_weights: Weights | None = None
     targets: list[Target] = field(default_factory=list)
     external: list[AdvSetInfo] = field(default_factory=list)  # folders to evaluate (adv_dir)
+    present_of: int | None = None  # data.only_present: the clean images before the restriction
 
     @property
     def crafting(self) -> bool:
         return self.attack is not None
+
+
+OFFLINE_TARGETS = (
+    "Offline, targets=smoke (tiny random-weight models) or targets=none (craft and save only) "
+    "need no weights."
+)
+
+
+def _asked_by(key: str) -> str:
+    """'Target vit_base (of targets=paper, the default): ' when Hydra says which list it was."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return f"Target {key}: "
+    choice = HydraConfig.get().runtime.choices.get("targets")
+    default = ", the default" if choice == "paper" else ""
+    return f"Target {key} (of targets={choice}{default}): "
 
 
 def make_plan(cfg: Any, out_dir: Path) -> Plan:
@@ -111,6 +129,19 @@ def make_plan(cfg: Any, out_dir: Path) -> Plan:
     for info in external:
         if not Path(info.folder).is_dir():
             raise UserError(f"Adversarial folder {info.folder} does not exist (adv_dir=...).")
+    present_of = None
+    if data_spec.only_present:
+        if not folders:
+            raise UserError("data.only_present=true applies to adv_dir= evaluations only.")
+        have = set.intersection(*(present_stems(info.folder) for info in external))
+        keep = [i for i, s in enumerate(data.stems) if s in have]
+        if not keep:
+            raise UserError(
+                f"None of the {len(data)} clean images has an adversarial image in every folder "
+                f"of adv_dir (expected <clean stem>.png)."
+            )
+        present_of = len(data)
+        data = data.subset(keep, data.shard)
     tf2torch_dir = cfg.get("tf2torch_dir")
     source_weights = resolve_weights(source, tf2torch_dir) if source else None
     targets = []
@@ -121,6 +152,8 @@ def make_plan(cfg: Any, out_dir: Path) -> Plan:
             # Weights timm lacks: evaluate the other targets, show this cell as missing (not 0).
             log.warning("Skipping target %s: %s", spec.key, e)
             targets.append(Target(spec, None, str(e)))
+        except UserError as e:  # no network, a bad file: say which target list asked for it
+            raise UserError(f"{_asked_by(spec.key)}{e} {OFFLINE_TARGETS}") from e
     return Plan(
         out_dir=out_dir,
         config=OmegaConf.to_container(cfg, resolve=True),
@@ -133,4 +166,5 @@ def make_plan(cfg: Any, out_dir: Path) -> Plan:
         source_weights=source_weights,
         targets=targets,
         external=external,
+        present_of=present_of,
     )

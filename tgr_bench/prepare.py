@@ -5,6 +5,7 @@ Usage:
     tgr-bench-prepare build --val /data/imagenet/val --out data/val1000 [--per-class 1] [--seed 0]
     tgr-bench-prepare check data/val1000            # or the authors' clean_resized_images/
     tgr-bench-prepare convert-tf2torch /data/tf2torch /data/tf2torch_safe    # no pickles later
+    tgr-bench-prepare fetch-paper-set data/tgr1000   # the paper's 1000 PNGs and labels (download)
 
 `--val` is either the validation folder sorted into one sub-folder per synset (n01440764/...,
 the usual layout after the devkit's valprep script; class index = sorted synset order, as
@@ -139,6 +140,95 @@ def convert_tf2torch(src: Path, dst: Path) -> list[Path]:
     return written
 
 
+# The paper's 1000 images and labels, as the TGR authors published them in their repository
+# (github.com/jpzhang1810/TGR: clean_resized_images/ and image_name_to_class_id_and_name.json).
+PAPER_SET_URL = "https://github.com/jpzhang1810/TGR/archive/refs/heads/master.zip"
+PAPER_SET_IMAGES = 1000
+
+
+def _check_set(images_dir: Path, label_file: Path, expect: int) -> list[Path]:
+    """The count, every PNG a readable 224x224 RGB image, a label for each."""
+    import json
+
+    from tgr_bench.pixels import inspect_file
+
+    pngs = sorted(images_dir.glob("*.png"))
+    if len(pngs) != expect:
+        raise UserError(f"{images_dir} holds {len(pngs)} PNGs, expected {expect}.")
+    stems = {Path(name).stem for name in json.loads(label_file.read_text())}
+    for png in pngs:
+        info = inspect_file(png)
+        if info.size != (CROP, CROP):
+            raise UserError(f"{png.name} is {info.size[1]}x{info.size[0]}, not 224x224.")
+        if png.stem not in stems:
+            raise UserError(f"{png.name} has no label in {label_file}.")
+    return pngs
+
+
+def fetch_paper_set(
+    dest: Path, url: str = PAPER_SET_URL, expect: int = PAPER_SET_IMAGES, timeout: float = 60.0
+) -> Path:
+    """Download the authors' repository archive, keep its images and label file, check them
+    (the count, every PNG a readable 224x224 RGB image, a label for each) and return the image
+    folder for `data.root=`. Nothing is left in `dest` unless every check passed."""
+    import shutil
+    import tempfile
+    import urllib.request
+    import zipfile
+
+    from tgr_bench.data import JSON_LABELS
+
+    images_dir = dest / "clean_resized_images"
+    if images_dir.is_dir() and (dest / JSON_LABELS).is_file():
+        print(f"{images_dir} exists; checking it")
+    else:
+        dest.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=dest, prefix=".fetch-") as tmp:
+            archive = Path(tmp) / "set.zip"
+            try:
+                with (
+                    urllib.request.urlopen(url, timeout=timeout) as response,
+                    open(archive, "wb") as out,
+                ):
+                    shutil.copyfileobj(response, out, length=1 << 20)
+            except OSError as e:
+                raise UserError(
+                    f"Cannot download {url}: {e}. On a machine with network, download that "
+                    f"archive (the TGR authors' repository, github.com/jpzhang1810/TGR) and pass "
+                    f"it with --url file://<path to the .zip>, or copy its clean_resized_images/ "
+                    f"and {JSON_LABELS} into {dest}."
+                ) from e
+            staged = Path(tmp) / "set"
+            (staged / "clean_resized_images").mkdir(parents=True)
+            try:
+                with zipfile.ZipFile(archive) as z:
+                    for member in z.namelist():
+                        parts = Path(member).parts
+                        if (
+                            len(parts) >= 2
+                            and parts[-2] == "clean_resized_images"
+                            and (member.endswith(".png"))
+                        ):
+                            target = staged / "clean_resized_images" / parts[-1]
+                        elif parts and parts[-1] == JSON_LABELS:
+                            target = staged / JSON_LABELS
+                        else:
+                            continue
+                        with z.open(member) as src, open(target, "wb") as out:
+                            shutil.copyfileobj(src, out)
+            except zipfile.BadZipFile as e:
+                raise UserError(f"{url} is not a zip archive ({e}).") from e
+            if not (staged / JSON_LABELS).is_file():
+                raise UserError(f"The archive {url} holds no {JSON_LABELS}: not the TGR set.")
+            _check_set(staged / "clean_resized_images", staged / JSON_LABELS, expect)
+            shutil.rmtree(images_dir, ignore_errors=True)
+            (staged / "clean_resized_images").rename(images_dir)
+            (staged / JSON_LABELS).replace(dest / JSON_LABELS)
+    pngs = _check_set(images_dir, dest / JSON_LABELS, expect)
+    print(f"{len(pngs)} images, 224x224 RGB, each with its label. Use: data.root={images_dir}")
+    return images_dir
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
         prog="tgr-bench-prepare",
@@ -159,8 +249,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     t.add_argument("src", type=Path)
     t.add_argument("dst", type=Path)
+    f = sub.add_parser("fetch-paper-set", help="download the paper's 1000 images and labels")
+    f.add_argument("dest", type=Path)
+    f.add_argument("--url", default=PAPER_SET_URL, help="the archive (default: the authors' repo)")
+    f.add_argument("--expect", type=int, default=PAPER_SET_IMAGES, help="images it must hold")
     args = p.parse_args(argv)
     try:
+        if args.command == "fetch-paper-set":
+            fetch_paper_set(args.dest, args.url, args.expect)
+            sys.exit(0)
         if args.command == "convert-tf2torch":
             convert_tf2torch(args.src, args.dst)
             sys.exit(0)

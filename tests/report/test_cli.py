@@ -72,7 +72,8 @@ def test_smoke_multirun_over_k_gives_one_row_per_k(tmp_path: Path):
     assert r.returncode == 0, r.stderr
     table = pd.read_csv(tmp_path / "rep" / "table.csv")
     assert table.attack.tolist() == ["tgr k=1", "tgr k=2"]
-    assert (table.test_vit == "100.0*").all()
+    assert table.test_pit.str.endswith("*").all()  # the source: the white-box column
+    assert (table["test_pit_near"] != "").all() and len(table) == 2
     assert (tmp_path / "rep" / "sweep_k.png").is_file()
 
 
@@ -95,7 +96,7 @@ def test_an_evaluation_of_many_folders_reports_each_folder(make_cfg, tmp_path: P
     )
     assert r.returncode == 0, r.stderr
     table = paper_table(collect([evaluation]))
-    assert table.attack.tolist() == ["mi", "pna"] and set(table.source) == {"test_vit"}
+    assert table.attack.tolist() == ["mi", "pna"] and set(table.source) == {"test_pit"}
 
 
 def test_bench_json_is_tabulated(tmp_path: Path):

@@ -22,7 +22,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from tgr_bench.attacks.patchout import PatchOut
-from tgr_bench.errors import UserError
+from tgr_bench.errors import UserError, number, whole
+
+
+def levels(name: str, value: object) -> float:
+    """A budget in 0-255 pixel levels. Values below 1 are refused: they are almost always the
+    [0,1] convention of other attack libraries (eps 16/255 = 0.0627), which here would attack
+    with a fraction of one level and report a white-box success of zero."""
+    v = number(name, value)
+    if 0 < v < 1:
+        meant = v * 255
+        meant = round(meant) if abs(meant - round(meant)) < 0.05 else round(meant, 1)
+        raise UserError(
+            f"{name}={v} is below one pixel level: tgr-bench takes budgets in 0-255 pixel levels, "
+            f"not in [0,1]. You probably meant {name}={meant:g}."
+        )
+    if not 0 < v <= 255:
+        raise UserError(f"{name}={v:g} is outside (0, 255]: it is in 0-255 pixel levels.")
+    return v
 
 
 class Attack:
@@ -39,13 +56,10 @@ class Attack:
         decay: float = 1.0,
         patchout: dict[str, Any] | None = None,
     ) -> None:
-        if not 0 < float(eps) <= 255:
-            raise UserError(f"attack.eps={eps} is outside (0, 255]: eps is in 0-255 pixel levels.")
-        if int(steps) != steps or steps < 1:
-            raise UserError(f"attack.steps={steps}: need a whole number of iterations >= 1.")
-        if alpha is not None and not 0 < float(alpha) <= 255:
-            raise UserError(f"attack.alpha={alpha} is outside (0, 255] pixel levels.")
-        if float(decay) < 0:
+        eps = levels("attack.eps", eps)
+        steps = whole("attack.steps", steps)
+        alpha = None if alpha is None else levels("attack.alpha", alpha)
+        if number("attack.decay", decay) < 0:
             raise UserError(f"attack.decay={decay}: the momentum decay must be >= 0.")
         self.eps_levels = float(eps)
         self.steps = int(steps)

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from tgr_bench.errors import UserError
+from tgr_bench.errors import UserError, number
 
 MASK_MODES = ("per_image", "step")
 
@@ -36,7 +36,7 @@ class PatchOut:
             raise UserError(f"attack.patchout.n_patches={p.n_patches!r}: need an int >= 1.")
         if not isinstance(p.patch_size, int) or p.patch_size < 1:
             raise UserError(f"attack.patchout.patch_size={p.patch_size!r}: need an int >= 1.")
-        if p.l2 < 0:
+        if number("attack.patchout.l2", p.l2) < 0:
             raise UserError(f"attack.patchout.l2={p.l2}: need lambda >= 0.")
         if p.mask not in MASK_MODES:
             raise UserError(f"attack.patchout.mask={p.mask!r}: choose one of {list(MASK_MODES)}.")

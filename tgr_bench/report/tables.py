@@ -67,7 +67,8 @@ def target_order(cells: pd.DataFrame) -> list[str]:
     """Table columns: the paper's target order, a key's weight-file variants together."""
     known = {t: i for i, t in enumerate(target_groups())}
     present = dict(zip(cells.column, cells.target, strict=True))
-    return sorted(present, key=lambda c: (known.get(present[c], len(known)), present[c], c))
+    first = {t: i for i, t in enumerate(dict.fromkeys(cells.target))}  # others: as configured
+    return sorted(present, key=lambda c: (known.get(present[c], len(known)), first[present[c]], c))
 
 
 def paper_table(cells: pd.DataFrame, metric: str = "asr") -> pd.DataFrame:
