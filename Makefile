@@ -20,7 +20,7 @@ SWEEP = $(BIN)/tgr-bench -m data.root=$(DATA) $(if $(TF2TORCH),tf2torch_dir=$(TF
 REPORT = $(BIN)/tgr-bench-report
 
 .PHONY: help install smoke test lint clean paper-runs table1 table2 table3 ablation-k \
-	ablation-components
+	ablation-components cnn-source
 
 help:  ## list the targets
 	@echo "tgr-bench make targets (venv: $(VENV); paper data: DATA=$(DATA))"
@@ -76,6 +76,10 @@ table4: $(STAMP)  ## GPU+data: Table 4, gradient variance per block of vit_base 
 	$(BIN)/tgr-bench-variance source=vit_base 'attacks=[mi,vmi,tgr,tgr_nozero]' data.root=$(DATA) $(ARGS) hydra.run.dir=$(RUNS)/table4
 	mkdir -p results/table4
 	cp $(RUNS)/table4/variance.{csv,md,tex,png,json} results/table4/
+
+cnn-source: $(STAMP)  ## GPU+data+TF2TORCH: MI, SGM, TGR from CNN sources (TF-slim Res-v2-101, timm ResNet-50) to all targets -> results/cnn_source/ (~30 min)
+	$(SWEEP) source=res_v2_101,res_50 attack=mi,sgm,tgr targets=paper hydra.sweep.dir=$(RUNS)/cnn_source
+	$(REPORT) $(RUNS)/cnn_source --out results/cnn_source
 
 clean:  ## remove run outputs (not .venv, not results/)
 	rm -rf outputs multirun build dist *.egg-info

@@ -135,7 +135,10 @@ def test_make_targets_run_the_documented_commands():
             "ablation-k",
             "ablation-components",
             "table3",
+            "cnn-source",
+            "table4",
             "DATA=/d",
+            "TF2TORCH=/w",
             "STAMP=/dev/null",
         ],
         cwd=ROOT,
@@ -148,6 +151,8 @@ def test_make_targets_run_the_documented_commands():
     assert "tgr-bench-report multirun/paper --groups vits --out results/table1" in out
     assert "attack.k=1,2,4,8,16" in out and "--sweep k --out results/ablation_k" in out
     assert "'attack.components=[attn],[qkv],[mlp]" in out
+    assert "tf2torch_dir=/w" in out and "source=res_v2_101,res_50 attack=mi,sgm,tgr" in out
+    assert "tgr-bench-variance source=vit_base 'attacks=[mi,vmi,tgr,tgr_nozero]'" in out
     help_ = subprocess.run(["make", "help"], cwd=ROOT, capture_output=True, text=True).stdout
     assert "GPU+data" in help_ and "table1" in help_ and "ablation-k" in help_
 
