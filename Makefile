@@ -20,7 +20,7 @@ SWEEP = $(BIN)/tgr-bench -m data.root=$(DATA) $(if $(TF2TORCH),tf2torch_dir=$(TF
 REPORT = $(BIN)/tgr-bench-report
 
 .PHONY: help install smoke test lint clean paper-runs table1 table2 table3 ablation-k \
-	ablation-components cnn-source
+	ablation-components cnn-source tricks
 
 help:  ## list the targets
 	@echo "tgr-bench make targets (venv: $(VENV); paper data: DATA=$(DATA))"
@@ -80,6 +80,10 @@ table4: $(STAMP)  ## GPU+data: Table 4, gradient variance per block of vit_base 
 cnn-source: $(STAMP)  ## GPU+data+TF2TORCH: MI, SGM, TGR from CNN sources (TF-slim Res-v2-101, timm ResNet-50) to all targets -> results/cnn_source/ (~30 min)
 	$(SWEEP) source=res_v2_101,res_50 attack=mi,sgm,tgr targets=paper hydra.sweep.dir=$(RUNS)/cnn_source
 	$(REPORT) $(RUNS)/cnn_source --out results/cnn_source
+
+tricks: $(STAMP)  ## GPU+data: MI, PNA, TGR on vit_base, alone, +DI, +TI, +DI+TI, all targets -> results/tricks/ (~1 h)
+	$(SWEEP) source=vit_base attack=mi,pna,tgr attack.di.enabled=false,true attack.ti.enabled=false,true targets=paper hydra.sweep.dir=$(RUNS)/tricks
+	$(REPORT) $(RUNS)/tricks --out results/tricks
 
 clean:  ## remove run outputs (not .venv, not results/)
 	rm -rf outputs multirun build dist *.egg-info

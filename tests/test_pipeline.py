@@ -92,14 +92,17 @@ def test_smoke_experiment_end_to_end(make_cfg, tmp_path: Path):
     assert saved["status"] == "complete" and saved["data"]["n_images"] == 8
     assert saved["identity"]["params"] == {"eps": 16.0, "steps": 10, "alpha": 1.6, "decay": 1.0}
     assert saved["attack"]["label"] == "mi" and saved["attack"]["defaults"]["steps"] == 10
-    assert {k: v for k, v in saved["config"]["attack"].items() if k != "patchout"} == {
+    modifiers = ("patchout", "di", "ti", "si", "admix")
+    assert {k: v for k, v in saved["config"]["attack"].items() if k not in modifiers} == {
         "name": "mi",
         "eps": 16,
         "steps": 10,
         "alpha": None,
         "decay": 1.0,
+        "targeted": False,
+        "target": "auto",
     }
-    assert saved["config"]["attack"]["patchout"]["enabled"] is False
+    assert all(saved["config"]["attack"][m]["enabled"] is False for m in modifiers)
     assert {"python", "torch", "timm", "tgr_bench"} <= set(saved["versions"])
     assert (
         saved["source"]["model"] == "test_vit.r160_in1k" and saved["source"]["weights"] == "random"
@@ -333,3 +336,26 @@ def test_other_target_weights_add_rows_and_never_overwrite(make_cfg, tmp_path: P
     kept = first[first.target == "test_convnext"].iloc[0]
     assert kept.target_sha256 in set(convnext.target_sha256)
     assert (second.target == "test_vit").sum() == 1  # the same weights: replaced, not doubled
+
+
+def test_admix_shards_and_limits_equal_the_whole_run(make_cfg, tmp_path: Path):
+    """Admix draws partners from the whole data set as listed before data.limit and sharding:
+    each shard (and a limited run) saves exactly the images of the unsharded run."""
+    common = (
+        "experiment=smoke", "data.n=6", "attack.steps=2", "targets=none",
+        "attack.admix.enabled=true", "attack.admix.m1=2", "attack.admix.m2=2",
+    )  # fmt: skip
+    run(make_cfg(*common), output_dir=tmp_path / "whole")
+    for shard in (0, 1):
+        run(
+            make_cfg(*common, "data.num_shards=2", f"data.shard={shard}"),
+            output_dir=tmp_path / f"s{shard}",
+        )
+    run(make_cfg(*common, "data.limit=3"), output_dir=tmp_path / "limited")
+    whole = {p.name: p.read_bytes() for p in (tmp_path / "whole" / "images").iterdir()}
+    parts = {}
+    for shard in (0, 1):
+        parts |= {p.name: p.read_bytes() for p in (tmp_path / f"s{shard}" / "images").iterdir()}
+    assert parts == whole
+    for p in (tmp_path / "limited" / "images").iterdir():
+        assert p.read_bytes() == whole[p.name]

@@ -137,6 +137,7 @@ def test_make_targets_run_the_documented_commands():
             "table3",
             "cnn-source",
             "table4",
+            "tricks",
             "DATA=/d",
             "TF2TORCH=/w",
             "STAMP=/dev/null",
@@ -153,6 +154,7 @@ def test_make_targets_run_the_documented_commands():
     assert "'attack.components=[attn],[qkv],[mlp]" in out
     assert "tf2torch_dir=/w" in out and "source=res_v2_101,res_50 attack=mi,sgm,tgr" in out
     assert "tgr-bench-variance source=vit_base 'attacks=[mi,vmi,tgr,tgr_nozero]'" in out
+    assert "attack=mi,pna,tgr attack.di.enabled=false,true attack.ti.enabled=false,true" in out
     help_ = subprocess.run(["make", "help"], cwd=ROOT, capture_output=True, text=True).stdout
     assert "GPU+data" in help_ and "table1" in help_ and "ablation-k" in help_
 

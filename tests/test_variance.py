@@ -67,8 +67,8 @@ def test_statistic_on_a_hand_made_gradient():
 class TripledLoss(Attack):
     """MI-FGSM with the loss times 3: every gradient of the backward pass scaled uniformly."""
 
-    def loss(self, logits, y, delta):
-        return 3 * super().loss(logits, y, delta)
+    def loss(self, logits, y, delta, copies=1):
+        return 3 * super().loss(logits, y, delta, copies)
 
 
 def test_a_uniform_scaling_of_the_gradient_leaves_the_scale_free_variance(vit):

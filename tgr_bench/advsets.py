@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from tgr_bench.data import ImageSet, adversarial_pixels
 from tgr_bench.errors import UserError
 from tgr_bench.images import linf_levels
@@ -17,6 +19,7 @@ from tgr_bench.record import IMAGES_DIR, AdvSetInfo, RunRecord, digest
 class AdvSet:
     info: AdvSetInfo
     pixels: Pixels  # aligned with the clean set, decoded on demand
+    targets: torch.Tensor | None = None  # a targeted attack's target labels
 
 
 def describe_folder(folder: str | Path) -> AdvSetInfo:
@@ -49,8 +52,17 @@ def describe_folder(folder: str | Path) -> AdvSetInfo:
 
 
 def load_sets(infos: list[AdvSetInfo], data: ImageSet) -> list[AdvSet]:
-    """Every folder checked against the clean set (present, readable, same size)."""
-    return [AdvSet(info, adversarial_pixels(info.folder, data)) for info in infos]
+    """Every folder checked against the clean set (present, readable, same size); the folder
+    of a targeted run brings its run's target labels."""
+    from tgr_bench.targets import read_targets
+
+    sets = []
+    for info in infos:
+        targets = None
+        if info.params.get("targeted"):
+            targets = read_targets(Path(info.folder).parent, data.stems)
+        sets.append(AdvSet(info, adversarial_pixels(info.folder, data), targets))
+    return sets
 
 
 def linf_levels_max(data: ImageSet, sets: list[AdvSet], batch_size: int = 64) -> int:

@@ -144,12 +144,17 @@ def craft(
                 idx = chunk[start : start + batch_size]
                 clean_cpu = decoded[start : start + len(idx)]
                 clean = (clean_cpu.pin_memory() if pin else clean_cpu).to(device, non_blocking=True)
+                # A targeted attack descends toward its target labels; Admix needs each image's
+                # place in the whole data set to draw its partners among the others.
+                aim = data.targets if attack.targeted else data.labels
+                ids = [data.pool_index[i] for i in idx] if data.pool_index else None
                 try:
                     adv = attack.perturb(
                         source.model,
                         clean.float() / 255.0,
-                        data.labels[idx].to(device),
+                        aim[idx].to(device),
                         [seeds[i] for i in idx],
+                        ids=ids,
                     )
                 except torch.cuda.OutOfMemoryError:
                     if batch_size == 1:

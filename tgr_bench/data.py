@@ -116,6 +116,11 @@ class ImageSet:
     shard: str | None = None  # "i/N" when this is one shard of a larger set
     unlabeled_skipped: int = 0
     file_sha256: list[str] | None = None  # folder sets: each file's hash, from the check
+    targets: torch.Tensor | None = None  # labels.csv `target` column, or the attack's draw
+    # The whole data set in listing order, before data.limit and sharding, and each image's
+    # place in it: Admix mixes in other clean images from there, so shards equal the whole run.
+    pool: Pixels | None = None
+    pool_index: list[int] | None = None
     _digest: str | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
@@ -128,6 +133,8 @@ class ImageSet:
         if self._digest is None:
             h = hashlib.sha256("\n".join(self.stems).encode())
             h.update(self.labels.numpy().tobytes())
+            if self.targets is not None:
+                h.update(b"targets" + self.targets.numpy().tobytes())
             if self.file_sha256 is not None:
                 h.update("\n".join(self.file_sha256).encode())
             else:
@@ -140,6 +147,9 @@ class ImageSet:
     def with_labels(self, labels: torch.Tensor) -> ImageSet:
         return replace(self, labels=labels, _digest=None)
 
+    def with_targets(self, targets: torch.Tensor) -> ImageSet:
+        return replace(self, targets=targets, _digest=None)
+
     def subset(self, idx: list[int], shard: str | None) -> ImageSet:
         return replace(
             self,
@@ -148,6 +158,8 @@ class ImageSet:
             pixels=self.pixels.subset(idx),
             shard=shard,
             file_sha256=[self.file_sha256[i] for i in idx] if self.file_sha256 else None,
+            targets=self.targets[idx] if self.targets is not None else None,
+            pool_index=[self.pool_index[i] for i in idx] if self.pool_index else None,
             _digest=None,
         )
 
@@ -200,6 +212,20 @@ def detect_layout(root: Path) -> tuple[str, Path, Path]:
         f"No labels found for {root}: expected {CSV_LABELS} in it (filename,label), or "
         f"{JSON_LABELS} in it or its parent (the TGR/PNA authors' layout)."
     )
+
+
+def _read_targets(label_file: Path) -> dict[str, int]:
+    """The optional `target` column of labels.csv (targeted attacks): stem -> class."""
+    with open(label_file, newline="") as f:
+        reader = csv.DictReader(f)
+        if "target" not in (reader.fieldnames or []):
+            return {}
+        return {
+            Path((row["filename"] or "").strip()).stem: _check_label(
+                row["target"], f"the target of {row['filename']} in {label_file}"
+            )
+            for row in reader
+        }
 
 
 def _read_labels(layout: str, label_file: Path) -> dict[str, int]:
@@ -271,6 +297,7 @@ def load_folder(
                 extra[:3],
             )
         stems = sorted(set(images) & set(labels))
+    listing = stems  # the whole set in order, before limit and sharding (Admix's partners)
     if limit is not None:
         stems = stems[: int(limit)]
     stems = [stems[i] for i in shard_indices(len(stems), num_shards, shard)]
@@ -285,6 +312,8 @@ def load_folder(
             f"Images in {folder} differ in size ({sorted(sizes)}; e.g. {odd!r} vs {stems[0]!r}). "
             f"The protocol stores every image at one size (224x224); resize the set first."
         )
+    targets = _read_targets(label_file) if layout == "csv" else {}
+    position = {s: i for i, s in enumerate(listing)}
     return ImageSet(
         stems=stems,
         labels=torch.tensor([labels[s] for s in stems], dtype=torch.int64),
@@ -295,6 +324,9 @@ def load_folder(
         shard=f"{shard}/{num_shards}" if num_shards > 1 else None,
         unlabeled_skipped=len(unlabeled),
         file_sha256=[i.sha256 for i in infos],
+        targets=torch.tensor([targets[s] for s in stems]) if targets else None,
+        pool=FilePixels([images[s] for s in listing]),
+        pool_index=[position[s] for s in stems],
     )
 
 
@@ -303,13 +335,16 @@ def synthetic(n: int, size: int = 224, seed: int = 0) -> ImageSet:
     g = torch.Generator().manual_seed(seed)
     low = torch.rand(n, 3, 8, 8, generator=g)
     labels = torch.randint(0, NUM_CLASSES, (n,), generator=g)
+    pixels = SyntheticPixels(low, size)
     return ImageSet(
         stems=[f"synthetic_{i:04d}" for i in range(n)],
         labels=labels,
-        pixels=SyntheticPixels(low, size),
+        pixels=pixels,
         root=None,
         layout="synthetic",
         size=(size, size),
+        pool=pixels,
+        pool_index=list(range(n)),
     )
 
 
@@ -317,6 +352,8 @@ def load_dataset(spec: DataSpec) -> ImageSet:
     if spec.kind == "synthetic":
         n = min(spec.n, spec.limit) if spec.limit is not None else spec.n
         full = synthetic(n, spec.size, spec.seed)
+        if n < spec.n:  # Admix's partners: all spec.n images (the first n pixels are the same)
+            full = replace(full, pool=synthetic(spec.n, spec.size, spec.seed).pixels)
         if spec.num_shards == 1:
             return full
         idx = shard_indices(len(full), spec.num_shards, spec.shard)

@@ -161,7 +161,7 @@ def evaluate_sets(
             step(len(data))
         for s in adv_sets:
             adv_pred = predict(target.model, s.pixels, batch_size, device, step)
-            c = metrics.counts(data.labels, clean_pred, adv_pred)
+            c = metrics.counts(data.labels, clean_pred, adv_pred, s.targets)
             white_box = spec.key == s.info.source
             rows.append(
                 {**base, **_origin(s), "white_box": white_box, "status": "ok", **c}
@@ -179,6 +179,7 @@ def evaluate_sets(
                         "target_sha256": weights.sha256,
                         "clean_pred": clean_pred.tolist(),
                         "adv_pred": adv_pred.tolist(),
+                        "target_label": None if s.targets is None else s.targets.tolist(),
                     }
                 )
             )
@@ -195,7 +196,7 @@ def evaluate_sets(
             torch.cuda.empty_cache()
     columns = [
         "run_id", "source", "attack", "stem", "label", "target", "target_sha256",
-        "clean_pred", "adv_pred",
+        "clean_pred", "adv_pred", "target_label",
     ]  # fmt: skip
     return rows, loaded, pd.concat(per_image) if per_image else pd.DataFrame(columns=columns)
 

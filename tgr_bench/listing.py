@@ -1,4 +1,5 @@
-"""`tgr-bench-list`: the attacks with their defaults and references, and the model keys."""
+"""`tgr-bench-list`: the attacks with their defaults and references, the modifiers and the
+targeted options every attack takes, and the model keys."""
 
 from __future__ import annotations
 
@@ -7,8 +8,18 @@ from rich.console import Console
 from rich.table import Table
 
 from tgr_bench.attacks import build_attack
+from tgr_bench.attacks.base import TARGET_MODES
+from tgr_bench.attacks.modifiers import MODIFIERS
 from tgr_bench.catalogue import CONFIG_MODULE, choices, model_keys, model_spec
 from tgr_bench.models import ModelSpec
+
+PAPERS = {
+    "patchout": "PatchOut: Wei et al., AAAI 2022",
+    "di": "DI: Xie et al., Improving Transferability ... with Input Diversity, CVPR 2019",
+    "ti": "TI: Dong et al., Evading Defenses ... Translation-Invariant Attacks, CVPR 2019",
+    "si": "SI: Lin et al., Nesterov Accelerated Gradient and Scale Invariance, ICLR 2020",
+    "admix": "Admix: Wang et al., Admix: Enhancing the Transferability ..., ICCV 2021",
+}
 
 
 def main() -> None:
@@ -28,6 +39,22 @@ def main() -> None:
             attacks.add_row(
                 choice, attack.reference, " ".join(f"{k}={v}" for k, v in params.items())
             )
+        base = compose("config", overrides=["attack=mi"]).attack
+    modifiers = Table(
+        title="modifiers of every attack (attack.<name>.enabled=true) and targeted mode"
+    )
+    for col in ("setting", "paper", "defaults"):
+        modifiers.add_column(col)
+    for name in ("patchout", *MODIFIERS):
+        settings = {k: v for k, v in base[name].items() if k != "enabled"}
+        modifiers.add_row(
+            f"attack.{name}", PAPERS[name], " ".join(f"{k}={v}" for k, v in settings.items())
+        )
+    modifiers.add_row(
+        "attack.targeted, attack.target",
+        "descend the cross-entropy toward a target label",
+        f"targeted={base.targeted} target={base.target} (one of {', '.join(TARGET_MODES)})",
+    )
     for key in model_keys():
         spec = model_spec(key)
         if not spec.pretrained:
@@ -40,6 +67,7 @@ def main() -> None:
             kind = "timm pretrained"
         sources.add_row(key, spec.model or "-", kind)
     console.print(attacks)
+    console.print(modifiers)
     console.print(sources)
 
 

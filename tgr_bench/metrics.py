@@ -11,17 +11,24 @@ from collections.abc import Mapping
 
 import torch
 
-COUNTS = ("n", "n_fooled", "n_clean_correct", "n_fooled_on_correct")
-RATES = ("asr", "clean_acc", "asr_on_correct")
+COUNTS = ("n", "n_fooled", "n_clean_correct", "n_fooled_on_correct", "n_target_hit")
+RATES = ("asr", "clean_acc", "asr_on_correct", "tsr")
 DESCRIPTION = (
     "asr = % of all images the target misclassifies (clean mistakes count, as in the paper); "
     "clean_acc = % of clean images the target classifies correctly; asr_on_correct = % of the "
-    "clean-correct images the attack flips."
+    "clean-correct images the attack flips; tsr (targeted attacks) = % of all images the target "
+    "classifies as the attack's target label."
 )
 
 
-def counts(labels: torch.Tensor, clean_pred: torch.Tensor, adv_pred: torch.Tensor) -> dict:
-    """Integer counts for one target on one set (all tensors on the host, same length)."""
+def counts(
+    labels: torch.Tensor,
+    clean_pred: torch.Tensor,
+    adv_pred: torch.Tensor,
+    target_labels: torch.Tensor | None = None,
+) -> dict:
+    """Integer counts for one target on one set (all tensors on the host, same length); a
+    targeted set also counts the images classified as their target label (else None)."""
     correct = clean_pred == labels
     fooled = adv_pred != labels
     return {
@@ -29,6 +36,7 @@ def counts(labels: torch.Tensor, clean_pred: torch.Tensor, adv_pred: torch.Tenso
         "n_fooled": int(fooled.sum()),
         "n_clean_correct": int(correct.sum()),
         "n_fooled_on_correct": int((fooled & correct).sum()),
+        "n_target_hit": None if target_labels is None else int((adv_pred == target_labels).sum()),
     }
 
 
@@ -38,8 +46,10 @@ def rates(c: Mapping[str, int]) -> dict[str, float]:
     def pct(a: int, b: int) -> float:
         return 100.0 * a / b if b else math.nan
 
+    hit = c.get("n_target_hit")
     return {
         "asr": pct(c["n_fooled"], c["n"]),
         "clean_acc": pct(c["n_clean_correct"], c["n"]),
         "asr_on_correct": pct(c["n_fooled_on_correct"], c["n_clean_correct"]),
+        "tsr": math.nan if hit is None else pct(hit, c["n"]),
     }

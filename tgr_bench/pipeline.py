@@ -14,7 +14,7 @@ from rich.console import Console
 from tgr_bench import provenance
 from tgr_bench.advsets import AdvSet, linf_levels_max, load_sets
 from tgr_bench.console import make_console, progress, to_log_files
-from tgr_bench.crafting import craft
+from tgr_bench.crafting import craft, image_seeds
 from tgr_bench.data import ImageSet
 from tgr_bench.errors import Interrupted, Terminated, UserError, exit_code_of
 from tgr_bench.evaluate import CleanCache, evaluate_sets, predict
@@ -23,6 +23,7 @@ from tgr_bench.plan import Plan, make_plan
 from tgr_bench.record import IMAGES_DIR, MANIFEST, AdvSetInfo, DataInfo, RunRecord
 from tgr_bench.report.run_results import print_run_results, results_frame, write_run_results
 from tgr_bench.resume import Manifest, finished, run_lock
+from tgr_bench.targets import choose_targets, write_targets
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ def prepare_source(
     rt = plan.runtime
     source = build_model(plan.source, plan.source_weights, rt.device, rt.seed)
     source.model.set_speed(rt.precision)
-    if plan.source_weights.kind == "random" and not plan.source.model.startswith("test_"):
+    if plan.source_weights.kind == "random" and not (plan.source.model or "").startswith("test_"):
         log.warning("Source %s has random weights (pretrained=false)", plan.source.key)
     record.source = source.provenance()
     data = plan.data
@@ -99,6 +100,14 @@ def prepare_source(
         # Random-weight smoke models know no ImageNet: label each synthetic image with the
         # source's clean prediction so the white-box success rate means something.
         data = data.with_labels(predict(source.model, data.pixels, rt.eval_batch_size, rt.device))
+    if plan.attack.targeted:
+        seeds = image_seeds(data.stems, rt.seed)
+        targets = choose_targets(
+            plan.attack.target, data, seeds, source.model, rt.eval_batch_size, rt.device
+        )
+        data = data.with_targets(targets)
+    if plan.attack.admix is not None:
+        plan.attack.use_pool(data.pool or data.pixels)
     attacking.enter_context(plan.attack.source_context(source.model))
     return source, data
 
@@ -117,6 +126,8 @@ def craft_images(
             "data_sha256": data.digest,
         },
     )
+    if plan.attack.targeted:
+        write_targets(plan.out_dir, data, data.targets)
     with progress(console) as bars:
         record.crafting = craft(
             attack=plan.attack,

@@ -23,6 +23,7 @@ IMAGES_DIR = "images"
 RESULTS_CSV = "results.csv"
 RESULTS_MD = "results.md"
 PREDICTIONS_CSV = "predictions.csv"
+TARGETS_CSV = "targets.csv"  # a targeted run's target label per image
 LOCK = ".tgr-bench.lock"
 
 # Columns of results.csv: one row per (adversarial set, target).
@@ -43,6 +44,8 @@ RESULT_COLUMNS = [
     "n_fooled",
     "n_clean_correct",
     "n_fooled_on_correct",
+    "tsr",
+    "n_target_hit",
     "status",
 ]
 

@@ -8,20 +8,33 @@ from tests.tiny import batch
 from tgr_bench.attacks import Attack
 from tgr_bench.attacks.architectures import INPUT, OUTPUT, SOFTMAX_INPUT
 from tgr_bench.images import quantize
+from tgr_bench.pixels import TensorPixels
 
 
-def pngs(attack: Attack, model, x, y, seeds) -> torch.Tensor:
+def pngs(attack: Attack, model, x, y, seeds, ids=None) -> torch.Tensor:
     with attack.source_context(model):
-        adv = attack.perturb(model, x, y, seeds)
+        adv = attack.perturb(model, x, y, seeds, ids)
     return quantize(adv, (x * 255).round().to(torch.uint8), attack.eps_levels)
+
+
+def pool_of(n: int) -> TensorPixels:
+    """The clean images of a small data set, as Admix's partner pool (the batch is its start)."""
+    x, _ = batch(n)
+    return TensorPixels((x * 255).round().to(torch.uint8))
 
 
 def assert_batch_invariant(attack: Attack, model, n: int = 3) -> None:
     x, y = batch(n)
     seeds = list(range(100, 100 + n))
-    together = pngs(attack, model, x, y, seeds)
+    ids = list(range(n))
+    if attack.admix is not None:
+        attack.use_pool(pool_of(n + 3))
+    together = pngs(attack, model, x, y, seeds, ids)
     alone = torch.cat(
-        [pngs(attack, model, x[i : i + 1], y[i : i + 1], seeds[i : i + 1]) for i in range(n)]
+        [
+            pngs(attack, model, x[i : i + 1], y[i : i + 1], seeds[i : i + 1], ids[i : i + 1])
+            for i in range(n)
+        ]
     )
     assert torch.equal(together, alone)
 

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from tests.attacks.support import pool_of
 from tests.tiny import batch, tiny
 from tgr_bench.attacks import build_attack
 
@@ -57,11 +58,19 @@ def test_the_guard_sees_syncs():
         ("tgr", "visformer"),
         ("pna_patchout", "vit"),
         ("tgr_patchout", "pit"),
+        ("mi_di_ti", "vit"),
+        ("tgr_di_ti", "deit"),
+        ("tgr attack.si.enabled=true", "vit"),
+        ("mi attack.admix.enabled=true attack.di.enabled=true", "pit"),
+        ("vmi attack.di.enabled=true", "vit"),
     ],
 )
 def test_attack_loop_and_hooks_never_sync(make_cfg, name, family):
+    name, *modifiers = name.split()
     extra = ["attack.n_samples=2"] if name == "vmi" else []
-    attack = build_attack(make_cfg(f"attack={name}", "attack.steps=2", *extra).attack)
+    attack = build_attack(make_cfg(f"attack={name}", "attack.steps=2", *extra, *modifiers).attack)
+    if attack.admix is not None:
+        attack.use_pool(pool_of(4))
     if attack.patchout is not None:
         attack.patchout = type(attack.patchout)(
             n_patches=10, patch_size=16, l2=attack.patchout.l2, mask=attack.patchout.mask
@@ -70,5 +79,5 @@ def test_attack_loop_and_hooks_never_sync(make_cfg, name, family):
     x, y = batch(2)
     # The one-off probe (entering the context) may read counts; the loop may not.
     with attack.source_context(model), forbid_host_sync() as calls:
-        attack.perturb(model, x, y, [1, 2])
+        attack.perturb(model, x, y, [1, 2], [0, 1])
     assert calls == [], f"{name} on {family} synced the host: {calls}"

@@ -2,12 +2,15 @@
 
 An attack is this loop plus optional changes to
 - the source model's backward pass (`source_context`: TGR, PNA, SGM install gradient hooks),
-- the input of the forward pass (`model_input`: PatchOut's mask, input diversity),
-- the loss (`loss`: PatchOut's per-image L2 term, targeted attacks),
-- the gradient estimate (`input_gradient`: VMI's neighbourhood samples),
+- the input of the forward pass (`model_input`: PatchOut's mask; `expand`: SI/Admix copies and
+  DI, modifiers.py),
+- the loss (`loss`: PatchOut's per-image L2 term, the mean over copies, targeted attacks),
+- the gradient estimate (`input_gradient`: VMI's neighbourhood samples; TI's smoothing),
 - the momentum update (`update`).
 Everything is per sample: an image's result never depends on the other images of its batch.
-PatchOut is a modifier of any attack (`attack.patchout.enabled=true`).
+PatchOut, DI, TI, SI and Admix are modifiers of any attack (`attack.<name>.enabled=true`).
+`attack.targeted=true` descends the cross-entropy toward a target label instead of ascending it
+away from the true one.
 """
 
 from __future__ import annotations
@@ -21,8 +24,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tgr_bench.attacks.draws import mix
+from tgr_bench.attacks.modifiers import DI, MODIFIERS, SI, TI, Admix, PartnerPool
 from tgr_bench.attacks.patchout import PatchOut
 from tgr_bench.errors import UserError, number, whole
+from tgr_bench.pixels import Pixels
+
+# Where a targeted attack's target label comes from: auto = the labels.csv `target` column when
+# the data has one, else a seeded draw; random = uniform over the other 999 classes per image;
+# least_likely = the source's least likely class on the clean image; labels = the column.
+TARGET_MODES = ("auto", "random", "least_likely", "labels")
 
 
 def levels(name: str, value: object) -> float:
@@ -55,6 +66,12 @@ class Attack:
         alpha: float | None = None,
         decay: float = 1.0,
         patchout: dict[str, Any] | None = None,
+        di: dict[str, Any] | None = None,
+        ti: dict[str, Any] | None = None,
+        si: dict[str, Any] | None = None,
+        admix: dict[str, Any] | None = None,
+        targeted: bool = False,
+        target: str = "auto",
     ) -> None:
         eps = levels("attack.eps", eps)
         steps = whole("attack.steps", steps)
@@ -68,11 +85,37 @@ class Attack:
         self.eps = self.eps_levels / 255.0
         self.alpha = self.alpha_levels / 255.0
         self.patchout = PatchOut.from_cfg(patchout)
+        self.di, self.ti = DI.from_cfg(di), TI.from_cfg(ti)
+        self.si, self.admix = SI.from_cfg(si), Admix.from_cfg(admix)
+        if self.si and self.admix:
+            raise UserError(
+                "attack.si and attack.admix are both on: Admix already averages over "
+                "attack.admix.m1 scales (SI's copies); enable one of them."
+            )
+        if not isinstance(targeted, bool):
+            raise UserError(f"attack.targeted={targeted!r}: use true or false.")
+        if target not in TARGET_MODES:
+            raise UserError(f"attack.target={target!r}: choose one of {list(TARGET_MODES)}.")
+        self.targeted, self.target = targeted, target
+        self.pool: PartnerPool | None = None  # Admix's clean images (use_pool)
 
     @property
     def label(self) -> str:
-        """The name results are filed under: `pna_patchout` for PNA with the modifier on."""
-        return f"{self.name}_patchout" if self.patchout else self.name
+        """The name results are filed under: the attack and every active modifier in a fixed
+        order, `tgr_patchout_di_ti`."""
+        on = [m for m in ("patchout", *MODIFIERS) if getattr(self, m) is not None]
+        return "_".join([self.name, *on])
+
+    @property
+    def copies(self) -> int:
+        """Inputs per image in one forward pass: SI's m scales, or Admix's m1 * m2."""
+        if self.si:
+            return self.si.m
+        return self.admix.m1 * self.admix.m2 if self.admix else 1
+
+    def use_pool(self, pixels: Pixels) -> None:
+        """Give Admix its partners: the clean images of the whole data set, in listing order."""
+        self.pool = PartnerPool(pixels)
 
     @classmethod
     def from_cfg(cls, cfg: dict[str, Any]) -> Attack:
@@ -101,6 +144,8 @@ class Attack:
             "alpha": round(self.alpha_levels, 6),
             "decay": self.decay,
             **(self.patchout.params() if self.patchout else {}),
+            **{k: v for m in MODIFIERS if (on := getattr(self, m)) for k, v in on.params().items()},
+            **({"targeted": True, "target": self.target} if self.targeted else {}),
         }
 
     def bind_family(self, family: str | None, source: str | None = None) -> None:
@@ -126,9 +171,42 @@ class Attack:
             return x + delta
         return x + delta * self.patchout.masks(x.shape, step, seeds, x.device)
 
-    def loss(self, logits: torch.Tensor, y: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        # Summed, not averaged: a sample's gradient must not depend on the batch size.
+    def expand(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        step: int,
+        keys: Sequence[int],
+        ids: Sequence[int] | None,
+    ) -> torch.Tensor:
+        """(B * copies, 3, H, W): each image's SI or Admix copies, then DI on every copy with
+        its own draw (key, step, copy); with no modifier, x itself."""
+        b, c = len(x), self.copies
+        if self.si:
+            stacked = self.si.copies(x, getattr(model, "mean", 0.5))
+        elif self.admix:
+            if self.pool is None or ids is None:
+                raise UserError("attack.admix needs the data set's images (use_pool and ids).")
+            index = self.admix.partner_index(ids, [mix(k, step) for k in keys], len(self.pool))
+            partners = self.pool.load(index, x.device).view(b, self.admix.m2, *x.shape[1:])
+            stacked = self.admix.copies(x, partners)
+        else:
+            stacked = x.unsqueeze(1)
+        flat = stacked.reshape(b * c, *x.shape[1:])
+        if self.di:
+            flat = self.di.apply(flat, [mix(k, step, j) for k in keys for j in range(c)])
+        return flat
+
+    def loss(
+        self, logits: torch.Tensor, y: torch.Tensor, delta: torch.Tensor, copies: int = 1
+    ) -> torch.Tensor:
+        # Summed over images, not averaged: a sample's gradient must not depend on the batch
+        # size; averaged over an image's copies (SI, Admix). Targeted: descend toward y.
         loss = F.cross_entropy(logits, y, reduction="sum")
+        if copies > 1:
+            loss = loss / copies
+        if self.targeted:
+            loss = -loss
         if self.patchout is not None and self.patchout.l2 > 0:
             # One norm per image (the released PNA code took one over the whole batch tensor).
             loss = loss + self.patchout.l2 * delta.flatten(1).norm(dim=1).sum()
@@ -142,10 +220,21 @@ class Attack:
         y: torch.Tensor,
         step: int,
         seeds: Sequence[int],
+        keys: Sequence[int] | None = None,
+        ids: Sequence[int] | None = None,
     ) -> torch.Tensor:
+        """d loss / d delta, averaged over the image's copies. `seeds` drive PatchOut's masks;
+        `keys` (default: the seeds) the draws of DI and Admix, so that a VMI neighbour draws its
+        own; `ids` are the images' places in the data set (Admix)."""
         delta = delta.detach().requires_grad_(True)
-        logits = model(self.model_input(x, delta, step, seeds))
-        (grad,) = torch.autograd.grad(self.loss(logits, y, delta), delta)
+        inputs = self.model_input(x, delta, step, seeds)
+        if self.copies == 1 and self.di is None:
+            logits = model(inputs)
+        else:
+            inputs = self.expand(model, inputs, step, seeds if keys is None else keys, ids)
+            logits = model(inputs)
+            y = y.repeat_interleave(self.copies)
+        (grad,) = torch.autograd.grad(self.loss(logits, y, delta, self.copies), delta)
         return grad
 
     def update(self, g: torch.Tensor, grad: torch.Tensor, step: int) -> torch.Tensor:
@@ -160,12 +249,19 @@ class Attack:
 
     # ---- the loop ----------------------------------------------------------------------------
     def perturb(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, seeds: Sequence[int]
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        seeds: Sequence[int],
+        ids: Sequence[int] | None = None,
     ) -> torch.Tensor:
-        """Adversarial images for clean pixels `x` in [0,1] (B,3,H,W) and labels `y`.
+        """Adversarial images for clean pixels `x` in [0,1] (B,3,H,W) and labels `y` (the target
+        labels of a targeted attack).
 
         `seeds` (Python ints, one per image) drive every random draw of that image; being host
-        values, reading them never waits for the device.
+        values, reading them never waits for the device. `ids` place the images in the data set
+        (Admix draws its partners from the other images).
         """
         # The loss is taken at logit y + label_offset (1 on the TF-slim networks, whose logit 0
         # is a background class), as the released code did.
@@ -173,7 +269,9 @@ class Attack:
         delta = torch.zeros_like(x)
         g = torch.zeros_like(x)
         for step in range(self.steps):
-            grad = self.input_gradient(model, x, delta, y, step, seeds)
+            grad = self.input_gradient(model, x, delta, y, step, seeds, ids=ids)
+            if self.ti is not None:
+                grad = self.ti.apply(grad)
             g = self.update(g, grad, step)
             # In place, the same float operations as (delta + alpha * sign(g)).clamp(-eps, eps)
             # and then (x + delta).clamp(0, 1) - x: one buffer instead of five per step.

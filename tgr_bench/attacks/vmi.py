@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from tgr_bench.attacks.base import Attack
+from tgr_bench.attacks.draws import mix
 from tgr_bench.errors import UserError
 
 
@@ -61,6 +62,8 @@ class VMI(Attack):
         y: torch.Tensor,
         step: int,
         seeds: Sequence[int],
+        keys: Sequence[int],
+        ids: Sequence[int] | None,
     ) -> torch.Tensor:
         noise = self.neighbour_noise(x, step, seeds)
         b, n = noise.shape[:2]
@@ -77,6 +80,9 @@ class VMI(Attack):
                         y.repeat_interleave(c),
                         step,
                         [s for s in seeds for _ in range(c)],
+                        # Each neighbour draws its own DI and Admix (key, neighbour index).
+                        keys=[mix(k, 0x4E, start + j) for k in keys for j in range(c)],
+                        ids=None if ids is None else [i for i in ids for _ in range(c)],
                     )
                     total += grad.view(b, c, *x.shape[1:]).sum(1)
                 return total / n
@@ -94,10 +100,14 @@ class VMI(Attack):
         y: torch.Tensor,
         step: int,
         seeds: Sequence[int],
+        keys: Sequence[int] | None = None,
+        ids: Sequence[int] | None = None,
     ) -> torch.Tensor:
         if step == 0:
             self._variance = torch.zeros_like(x)
-        grad = super().input_gradient(model, x, delta, y, step, seeds)
+        keys = seeds if keys is None else keys
+        grad = super().input_gradient(model, x, delta, y, step, seeds, keys, ids)
         tuned = grad + self._variance
-        self._variance = self._neighbour_mean(model, x, delta, y, step, seeds) - grad
+        neighbours = self._neighbour_mean(model, x, delta, y, step, seeds, keys, ids)
+        self._variance = neighbours - grad
         return tuned  # the base update normalizes it per sample: (g' + v_t) / mean|g' + v_t|

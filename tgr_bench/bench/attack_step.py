@@ -5,13 +5,15 @@ Usage:
     python -m tgr_bench.bench.attack_step --source vit_base --batch-size 8 --device cpu
     python -m tgr_bench.bench.attack_step --attacks mi,tgr,tgr:attn,tgr:qkv,tgr:mlp --reps 5
     python -m tgr_bench.bench.attack_step --attacks mi --profile-edits --device cpu
+    python -m tgr_bench.bench.attack_step --attacks mi,mi/si,mi/admix,mi/di/ti   # modifiers' cost
 
 Weights are random (timing does not depend on them): `--source` is a catalogue key (its
 architecture, kwargs and input size) or a timm model name. `tgr:qkv` is TGR with only that
-component, for a per-component profile. Each repetition runs a full attack of `--steps` steps
-on one batch; the attacks' repetitions are interleaved and the median is reported. Probes
-(entering the attack's context) are not timed. `python -m tgr_bench.bench.throughput` measures
-the whole pipeline; `python -m tgr_bench.bench.gpu_check` is the GPU proof.
+component, for a per-component profile; `mi/si`, `tgr/di/ti` turn modifiers on. Each
+repetition runs a full attack of `--steps` steps on one batch; the attacks' repetitions are
+interleaved and the median is reported. Probes (entering the attack's context) are not timed.
+`python -m tgr_bench.bench.throughput` measures the whole pipeline;
+`python -m tgr_bench.bench.gpu_check` is the GPU proof.
 """
 
 from __future__ import annotations
@@ -31,9 +33,11 @@ from tgr_bench.settings import Runtime
 
 
 def attack_of(name: str, steps: int) -> Attack:
-    """`tgr` or `tgr:qkv` (TGR with one component) as an attack of `steps` steps."""
-    base, _, component = name.partition(":")
-    cfg: dict = {"name": base, "steps": steps}
+    """`tgr`, `tgr:qkv` (TGR with one component) or `mi/si`, `tgr/di/ti` (with modifiers on)
+    as an attack of `steps` steps."""
+    first, *modifiers = name.split("/")
+    base, _, component = first.partition(":")
+    cfg: dict = {"name": base, "steps": steps, **{m: {"enabled": True} for m in modifiers}}
     if component:
         cfg["components"] = component.split("+")
     return build_attack(cfg)

@@ -7,6 +7,7 @@ Usage:
         --targets vit_base,inc_v3,pit_b --eval-images 256 --json bench.json
     python scripts/bench.py --source test_vit --targets test_convnext --precision-check
     python scripts/bench.py --no-crafting --io --io-images 1000    # image I/O and a whole run
+    python scripts/bench.py --attacks mi,mi/si,mi/admix,mi/di/ti   # the modifiers' cost over MI
 
 Weights are random (speed does not depend on them); `--source` and `--targets` are keys of
 conf/source/ or timm model names. Each timing is the median of `--reps` repetitions after

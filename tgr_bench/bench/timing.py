@@ -57,13 +57,20 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _own_pool(attack: Attack, x: torch.Tensor) -> list[int]:
+    """Admix mixes in the other images of the timed batch itself."""
+    if attack.admix is not None:
+        attack.use_pool(TensorPixels((x * 255).round().to(torch.uint8).cpu()))
+    return list(range(len(x)))
+
+
 def time_attack(
     attack: Attack, model: PixelModel, x: torch.Tensor, y: torch.Tensor, reps: int, warmup: int
 ) -> list[float]:
     """Seconds per full attack (all its steps) on one batch; the TGR probe is not timed."""
-    seeds = list(range(len(x)))
+    seeds = ids = _own_pool(attack, x)
     with attack.source_context(model):
-        return timed(lambda: attack.perturb(model, x, y, seeds), x.device, reps, warmup)
+        return timed(lambda: attack.perturb(model, x, y, seeds, ids), x.device, reps, warmup)
 
 
 def time_interleaved(
@@ -78,11 +85,13 @@ def time_interleaved(
     so that drifts of the machine hit all of them alike. Each repetition enters the attack's
     source context afresh (its probe is not timed), so attacks never see each other's hooks."""
     seeds = list(range(len(x)))
+    for attack in attacks.values():
+        _own_pool(attack, x)
     times: dict[str, list[float]] = {name: [] for name in attacks}
     for i in range(warmup + reps):
         for name, attack in attacks.items():
             with attack.source_context(model):
-                (t,) = timed(lambda a=attack: a.perturb(model, x, y, seeds), x.device, 1, 0)
+                (t,) = timed(lambda a=attack: a.perturb(model, x, y, seeds, seeds), x.device, 1, 0)
             if i >= warmup:
                 times[name].append(t)
     return times

@@ -90,10 +90,22 @@ def _units(run: LoadedRun) -> list[dict[str, Any]]:
                 "target": row["target"],
                 **{k: row[k] if pd.notna(row[k]) else None for k in TARGET_WEIGHTS},
                 "status": row["status"],
-                **{c: int(row[c]) if pd.notna(row[c]) else 0 for c in COUNTS},
+                **{c: _count(row, c) for c in COUNTS},
             }
         )
     return units
+
+
+def _count(row: dict[str, Any], column: str) -> int | None:
+    """A count of results.csv; None where a set has none (n_target_hit of untargeted runs)."""
+    value = row.get(column)
+    if value is None or pd.isna(value):
+        return None if column == "n_target_hit" else 0
+    return int(value)
+
+
+def _sum(values: list[int | None]) -> int | None:
+    return None if any(v is None for v in values) else sum(values)  # type: ignore[arg-type]
 
 
 def _merge(members: list[dict[str, Any]], note: Callable[[str], None]) -> dict[str, Any]:
@@ -139,7 +151,7 @@ def _merge(members: list[dict[str, Any]], note: Callable[[str], None]) -> dict[s
     if statuses != {"ok"}:
         cell["status"] = sorted(statuses - {"ok"})[0]  # e.g. missing checkpoint
         return cell
-    total = {c: sum(u[c] for u in units) for c in COUNTS}
+    total = {c: _sum([u[c] for u in units]) for c in COUNTS}
     return {**cell, "status": "ok", **total, **rates(total)}
 
 

@@ -22,7 +22,7 @@ from tgr_bench.atomic import atomic_write
 from tgr_bench.errors import UserError
 from tgr_bench.report.cells import collect
 from tgr_bench.report.plots import plot_components, plot_sweep
-from tgr_bench.report.tables import paper_table, write_tables
+from tgr_bench.report.tables import paper_table, targeted_metric, write_tables
 from tgr_bench.report.writers import print_table, to_markdown
 
 
@@ -57,7 +57,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--bench", nargs="+", type=Path, help="scripts/bench.py JSON files to tabulate")
     p.add_argument("--out", type=Path, help="write <name>.md/.tex/.csv (and plots) here")
     p.add_argument("--name", default="table", help="file name stem (default: table)")
-    p.add_argument("--metric", default="asr", choices=["asr", "asr_on_correct", "clean_acc"])
+    p.add_argument(
+        "--metric",
+        default="asr",
+        choices=["asr", "asr_on_correct", "clean_acc", "tsr"],
+        help="asr (default; targeted runs: tsr, the targeted success rate)",
+    )
     p.add_argument("--groups", help="only these target groups, e.g. vits or cnns,defended")
     p.add_argument("--sweep", metavar="PARAM", help="also plot the success rate against PARAM")
     p.add_argument("--components", action="store_true", help="also plot the component ablation")
@@ -77,18 +82,19 @@ def main(argv: list[str] | None = None) -> None:
         if args.groups:
             keep = set(args.groups.split(",")) | {"other"}
             cells = cells[cells.group.isin(keep) | (cells.target == "-")]
-        table = paper_table(cells, args.metric)
+        metric, title = targeted_metric(cells, args.metric)
+        table = paper_table(cells, metric)
     except UserError as e:
         print(f"tgr-bench-report: error: {e}", file=sys.stderr)
         sys.exit(2)
-    print_table(table.drop(columns=["run_dirs"]), f"{args.metric} (%), * = white-box", console)
+    print_table(table.drop(columns=["run_dirs"]), f"{title}, * = white-box", console)
     if args.out:
-        write_tables(cells, table, args.out, args.name)
+        write_tables(cells, table, args.out, args.name, title)
         written = [args.out / f"{args.name}.{e}" for e in ("md", "tex", "csv")]
         if args.sweep:
-            written += plot_sweep(cells, args.sweep, args.out, args.metric)
+            written += plot_sweep(cells, args.sweep, args.out, metric)
         if args.components:
-            written += plot_components(cells, args.out, args.metric)
+            written += plot_components(cells, args.out, metric)
         console.print("wrote " + ", ".join(str(w) for w in written))
 
 

@@ -74,4 +74,5 @@ def print_run_results(df: pd.DataFrame, title: str, console: Console | None = No
             f"{t} (white-box)" if w else t for t, w in zip(df.target, df.white_box, strict=True)
         ]
     )
-    print_table(text_frame(shown, ["target", "n", *RATES]), title, console)
+    rates = [r for r in RATES if r != "tsr" or df.tsr.notna().any()]  # tsr: targeted runs only
+    print_table(text_frame(shown, ["target", "n", *rates]), title, console)

@@ -71,6 +71,25 @@ def target_order(cells: pd.DataFrame) -> list[str]:
     return sorted(present, key=lambda c: (known.get(present[c], len(known)), first[present[c]], c))
 
 
+def targeted_metric(cells: pd.DataFrame, metric: str) -> tuple[str, str]:
+    """(metric, title) for a table: a table of targeted runs reports the targeted success rate
+    (prediction == target label); targeted and untargeted runs never share a table."""
+    targeted = cells.params.map(lambda p: bool(json.loads(p).get("targeted")))
+    if targeted.any() and not targeted.all():
+
+        def dirs(mask: pd.Series) -> str:
+            return ", ".join(sorted({d for ds in cells[mask].run_dirs for d in ds.split(";")}))
+
+        raise UserError(
+            f"Targeted and untargeted runs cannot share a table (their success rates mean "
+            f"different things). Targeted: {dirs(targeted)}. Untargeted: {dirs(~targeted)}. "
+            f"Report them separately."
+        )
+    if targeted.all() and metric == "asr":
+        return "tsr", "targeted success rate (%): prediction == target label"
+    return metric, f"{metric} (%)"
+
+
 def paper_table(cells: pd.DataFrame, metric: str = "asr") -> pd.DataFrame:
     """Wide table: text cells, index (source, attack label), target columns, then averages."""
     cells = cells.assign(label=row_labels(cells), order=row_order(cells)).sort_values(
@@ -130,15 +149,22 @@ NOTES = (
 )
 
 
-def markdown(table: pd.DataFrame) -> str:
-    """The table, what its marks mean, and the run directories of every row."""
+def markdown(table: pd.DataFrame, title: str = "asr (%)") -> str:
+    """The title (what the numbers are), the table, what its marks mean, and the run
+    directories of every row."""
     shown = table.drop(columns=["run_dirs"])
     sources = "\n".join(f"- {r.source} / {r.attack}: {r.run_dirs}" for r in table.itertuples())
-    return to_markdown(shown) + f"\n{NOTES}\n\nRun directories:\n{sources}\n"
+    return f"**{title}**\n\n{to_markdown(shown)}\n{NOTES}\n\nRun directories:\n{sources}\n"
 
 
-def write_tables(cells: pd.DataFrame, table: pd.DataFrame, out: Path, name: str = "table") -> None:
-    atomic_write(out / f"{name}.md", markdown(table).encode())
+def write_tables(
+    cells: pd.DataFrame,
+    table: pd.DataFrame,
+    out: Path,
+    name: str = "table",
+    title: str = "asr (%)",
+) -> None:
+    atomic_write(out / f"{name}.md", markdown(table, title).encode())
     atomic_write(out / f"{name}.tex", to_latex(table.drop(columns=["run_dirs"])).encode())
     atomic_write(out / f"{name}.csv", to_csv(table))
     atomic_write(out / f"{name}_cells.csv", to_csv(cells))

@@ -107,13 +107,14 @@ class GradientRecorder:
             y: torch.Tensor,
             step: int,
             seeds: Sequence[int],
+            **where: Any,  # keys, ids: passed through untouched
         ) -> torch.Tensor:
             if step == 0:
                 self._start_batch()
             self._fired = [0] * len(self.blocks)
             self._armed = True
             try:
-                grad = original(model, x, delta, y, step, seeds)
+                grad = original(model, x, delta, y, step, seeds, **where)
             finally:
                 self._armed = False
             wrong = {n: c for (n, _), c in zip(self.blocks, self._fired, strict=True) if c != 1}

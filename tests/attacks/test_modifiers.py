@@ -1,0 +1,238 @@
+"""DI, TI, SI and Admix against docs/baselines.md section 7: each against an independent
+computation, per-image draws (batch invariance, seeded reproducibility), TGR acting in every copy,
+and the labels and parameters they add (or do not add, when off)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.attacks.support import assert_batch_invariant, pngs, pool_of
+from tests.tiny import batch, tiny
+from tgr_bench.attacks import build_attack
+from tgr_bench.attacks.draws import mix, randint, uniform
+from tgr_bench.attacks.modifiers import DI, TI, Admix
+from tgr_bench.errors import UserError
+
+
+def on(name: str, *modifiers: str, **settings) -> object:
+    cfg = {"name": name, "steps": 3, **settings}
+    for m in modifiers:
+        cfg[m] = {"enabled": True, **cfg.get(m, {})}
+    return build_attack(cfg)
+
+
+# ---- TI -----------------------------------------------------------------------------------------
+def test_ti_equals_a_convolution_written_out_by_hand():
+    size, nsig = 5, 2.0
+    pdf = [math.exp(-(t**2) / 2) for t in (nsig * (2 * i / (size - 1) - 1) for i in range(size))]
+    kernel = [[a * b for b in pdf] for a in pdf]
+    total = sum(map(sum, kernel))
+    kernel = [[v / total for v in row] for row in kernel]
+    g = torch.randn(2, 3, 7, 6, generator=torch.Generator().manual_seed(0))
+    expected = torch.zeros_like(g)
+    for b in range(2):
+        for c in range(3):
+            for i in range(7):
+                for j in range(6):
+                    acc = 0.0
+                    for u in range(size):
+                        for v in range(size):
+                            ii, jj = i + u - size // 2, j + v - size // 2
+                            if 0 <= ii < 7 and 0 <= jj < 6:  # zero padding
+                                acc += kernel[u][v] * float(g[b, c, ii, jj])
+                    expected[b, c, i, j] = acc
+    assert torch.allclose(TI(size=size, nsig=nsig).apply(g), expected, atol=1e-6)
+
+
+def test_ti_smooths_the_gradient_before_the_momentum_update():
+    model = tiny("vit")
+    x, y = batch(2)
+    plain, smoothed = on("mi"), on("mi", "ti", ti={"size": 7})
+    delta = torch.zeros_like(x)
+    g = plain.input_gradient(model, x, delta, y, 0, [0, 1])
+    # One step by hand: smooth, normalize per image, take the sign.
+    step = TI(size=7).apply(g)
+    expected = x + smoothed.alpha * torch.sign(step / step.abs().mean((1, 2, 3), keepdim=True))
+    expected = (expected - x).clamp(-smoothed.eps, smoothed.eps).add(x).clamp(0, 1)
+    one = on("mi", "ti", ti={"size": 7}, steps=1, alpha=smoothed.alpha_levels)
+    assert torch.allclose(one.perturb(model, x, y, [0, 1]), expected, atol=1e-6)
+
+
+# ---- SI -----------------------------------------------------------------------------------------
+def grad_at(model, inputs_of, x, y):
+    delta = torch.zeros_like(x, requires_grad=True)
+    loss = F.cross_entropy(model(inputs_of(x + delta)), y, reduction="sum")
+    (g,) = torch.autograd.grad(loss, delta)
+    return g
+
+
+def test_si_is_the_mean_gradient_over_scaled_copies():
+    model = tiny("vit")
+    x, y = batch(3)
+    attack = on("mi", "si", si={"m": 4})
+    got = attack.input_gradient(model, x, torch.zeros_like(x), y, 0, [0, 1, 2])
+    hand = sum(grad_at(model, lambda z, i=i: z / 2**i, x, y) for i in range(4)) / 4
+    assert torch.allclose(got, hand, atol=1e-5, rtol=1e-4)
+    model_space = on("mi", "si", si={"m": 3, "space": "model"})
+    got = model_space.input_gradient(model, x, torch.zeros_like(x), y, 0, [0, 1, 2])
+    mean = model.mean
+    hand = sum(grad_at(model, lambda z, i=i: mean + (z - mean) / 2**i, x, y) for i in range(3))
+    assert torch.allclose(got, hand / 3, atol=1e-5, rtol=1e-4)
+
+
+def test_tgr_acts_in_every_copy():
+    """The copies' batched pass equals a hand loop over the copies with TGR's hooks on."""
+    model = tiny("deit")
+    x, y = batch(2)
+    batched = on("tgr", "si", si={"m": 3})
+    loop = on("tgr")
+    with batched.source_context(model):
+        got = batched.input_gradient(model, x, torch.zeros_like(x), y, 0, [0, 1])
+    with loop.source_context(model):
+        hand = sum(grad_at(model, lambda z, i=i: z / 2**i, x, y) for i in range(3)) / 3
+        assert loop.fired["attn"] > 0
+    assert torch.allclose(got, hand, atol=1e-5, rtol=1e-4)
+    without = on("mi", "si", si={"m": 3}).input_gradient(
+        model, x, torch.zeros_like(x), y, 0, [0, 1]
+    )
+    assert not torch.allclose(got, without, atol=1e-4)  # the hooks did act
+
+
+# ---- DI -----------------------------------------------------------------------------------------
+def test_di_on_one_image_equals_its_definition():
+    x = torch.rand(1, 3, 20, 20, generator=torch.Generator().manual_seed(1))
+    di = DI(p=1.0, rate=1.3)
+    key = 12345
+    r = randint(mix(key, 2), 20, 26)  # r in [S, floor(1.3 S)) = [20, 26)
+    top, left = randint(mix(key, 3), 0, 26 - r + 1), randint(mix(key, 4), 0, 26 - r + 1)
+    small = F.interpolate(x, size=(r, r), mode="bilinear", align_corners=False)
+    canvas = torch.zeros(1, 3, 26, 26)
+    canvas[:, :, top : top + r, left : left + r] = small
+    expected = F.interpolate(canvas, size=(20, 20), mode="bilinear", align_corners=False)
+    assert torch.allclose(di.apply(x, [key]), expected, atol=1e-6)
+    assert torch.equal(DI(p=0.0).apply(x, [key]), x)  # never transformed
+
+
+def test_di_draws_are_per_image_and_per_key():
+    x = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    di = DI(p=0.5, rate=1.5)
+    keys = [mix(7, i) for i in range(6)]
+    together = di.apply(x, keys)
+    alone = torch.cat([di.apply(x[i : i + 1], keys[i : i + 1]) for i in range(6)])
+    assert torch.allclose(together, alone, atol=0)
+    assert torch.equal(di.apply(x, keys), together)  # the same keys, the same draws
+    coins = [uniform(mix(k, 1)) < 0.5 for k in keys]
+    assert 0 < sum(coins) < 6  # some transformed, some not, at p = 0.5
+    for i, coin in enumerate(coins):
+        assert torch.equal(together[i], x[i]) != coin
+
+
+def test_every_vmi_neighbour_and_copy_draws_its_own_di(monkeypatch):
+    seen: list[list[int]] = []
+    real = DI.apply
+    monkeypatch.setattr(
+        DI, "apply", lambda self, x, keys: seen.append(list(keys)) or real(self, x, keys)
+    )
+    model = tiny("vit")
+    x, y = batch(2)
+    attack = on("vmi", "di", "si", n_samples=3, si={"m": 2}, steps=1)
+    attack.perturb(model, x, y, [5, 6])
+    keys = [k for call in seen for k in call]
+    # 2 images x 2 copies at the point itself, then x 3 neighbours: all distinct.
+    assert len(keys) == 2 * 2 + 2 * 3 * 2 and len(set(keys)) == len(keys)
+
+
+# ---- Admix --------------------------------------------------------------------------------------
+def test_admix_partners_are_other_images_of_the_whole_set():
+    admix = Admix(m1=2, m2=3)
+    for own in range(5):
+        idx = admix.partner_index([own] * 50, [mix(own, k) for k in range(50)], 5)
+        assert own not in idx and set(idx) == set(range(5)) - {own}
+    with pytest.raises(UserError, match="at least two images"):
+        admix.partner_index([0], [1], 1)
+
+
+def test_admix_is_the_mean_over_mixed_scaled_copies():
+    model = tiny("vit")
+    x, y = batch(2)
+    attack = on("mi", "admix", admix={"m1": 2, "m2": 2, "eta": 0.3})
+    pool = pool_of(5)
+    attack.use_pool(pool)
+    got = attack.input_gradient(model, x, torch.zeros_like(x), y, 0, [0, 1], ids=[0, 1])
+    index = attack.admix.partner_index([0, 1], [mix(s, 0) for s in (0, 1)], 5)
+    partners = pool.load(index).float().div(255).view(2, 2, 3, 64, 64)
+    hand = 0
+    for j in range(2):
+        for i in range(2):
+            hand = hand + grad_at(
+                model, lambda z, j=j, i=i: (z + 0.3 * partners[:, j]) / 2**i, x, y
+            )
+    assert torch.allclose(got, hand / 4, atol=1e-5, rtol=1e-4)
+
+
+# ---- batch 1 equals batch N, for every modifier and with TGR on -------------------------------
+@pytest.mark.parametrize(
+    "name,family,modifiers",
+    [
+        ("mi", "vit", ("di",)),
+        ("mi", "vit", ("ti",)),
+        ("mi", "vit", ("si",)),
+        ("mi", "vit", ("admix",)),
+        ("tgr", "pit", ("di",)),
+        ("tgr", "vit", ("si", "di", "ti")),
+        ("tgr", "deit", ("admix", "di")),
+        ("vmi", "vit", ("di",)),
+    ],
+)
+def test_batch_of_one_equals_batch_of_three(name, family, modifiers):
+    settings = {"n_samples": 2} if name == "vmi" else {}
+    attack = on(name, *modifiers, **settings, si={"m": 3}, admix={"m1": 2, "m2": 2})
+    assert_batch_invariant(attack, tiny(family))
+
+
+def test_same_seed_same_pngs_other_seed_other_pngs():
+    model = tiny("vit")
+    x, y = batch(2)
+    attack = on("mi", "di", "admix", admix={"m1": 2, "m2": 2})
+    attack.use_pool(pool_of(5))
+    a = pngs(attack, model, x, y, [1, 2], [0, 1])
+    assert torch.equal(a, pngs(attack, model, x, y, [1, 2], [0, 1]))
+    assert not torch.equal(a, pngs(attack, model, x, y, [3, 4], [0, 1]))
+
+
+# ---- labels, parameters, refusals ---------------------------------------------------------------
+def test_labels_name_every_active_modifier_in_a_fixed_order():
+    assert on("tgr", "ti", "di", patchout={"enabled": True}).label == "tgr_patchout_di_ti"
+    assert on("mi", "admix").label == "mi_admix"
+    plain, with_off = (
+        build_attack({"name": "mi"}),
+        build_attack({"name": "mi", "di": {"enabled": False, "p": 0.9}, "ti": {"enabled": False}}),
+    )
+    assert plain.params() == with_off.params() and with_off.label == "mi"
+    params = on("mi", "di", "si").params()
+    assert {params["di_p"], params["di_rate"], params["si_m"], params["si_space"]} == {
+        0.5,
+        1.1,
+        5,
+        "pixels",
+    }
+
+
+@pytest.mark.parametrize(
+    "cfg,match",
+    [
+        ({"si": {"enabled": True}, "admix": {"enabled": True}}, "enable one of them"),
+        ({"di": {"enabled": True, "p": 2}}, "probability"),
+        ({"ti": {"enabled": True, "size": 4}}, "odd kernel size"),
+        ({"si": {"enabled": True, "space": "tf"}}, "space"),
+        ({"admix": {"enabled": True, "eta": "x"}}, "not a number"),
+        ({"di": {"enabled": True, "pp": 1}}, "has no keys"),
+    ],
+)
+def test_bad_modifier_settings(cfg, match):
+    with pytest.raises(UserError, match=match):
+        build_attack({"name": "mi", **cfg})

@@ -1,0 +1,228 @@
+"""Input-transformation and gradient-smoothing modifiers of every attack: DI, TI, SI, Admix.
+
+Each is off unless `attack.<name>.enabled=true`; an enabled one names itself in the attack's
+label (`tgr_di_ti`) and its settings in `params()`, a disabled one appears nowhere (so adding
+these settings changed no run id). Inside one iteration (docs/baselines.md section 7): PatchOut's
+mask, then the SI or Admix copies of each image, then DI on every copy with its own draw; the
+attack's backward hooks act in every copy; the input gradient is the mean over copies; TI
+smooths it; then the momentum update. Every random draw is the image's own (draws.py): an
+image's result never depends on its batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from tgr_bench.attacks.draws import mix, randint, uniform
+from tgr_bench.errors import UserError, number, whole
+from tgr_bench.pixels import Pixels
+
+
+def _from_cfg(cls: type, name: str, cfg: dict[str, Any] | None) -> Any:
+    cfg = dict(cfg or {})
+    if not cfg.pop("enabled", False):
+        return None
+    valid = {f.name for f in fields(cls)}
+    unknown = set(cfg) - valid
+    if unknown:
+        raise UserError(
+            f"attack.{name} has no keys {sorted(unknown)}; valid: enabled, {', '.join(valid)}."
+        )
+    return cls(**cfg)
+
+
+@dataclass(frozen=True)
+class DI:
+    """Diverse inputs (Xie et al., CVPR 2019): with probability p the forward pass sees the image
+    resized to r x r, r uniform in [min(S, S*rate), max(S, S*rate)), zero-padded at a random
+    offset to the larger square, and resized back to S (bilinear, align_corners=False). S is the
+    stored image size: the attack perturbs stored pixels before the model's own resize."""
+
+    p: float = 0.5
+    rate: float = 1.1  # TransferAttack's; torchattacks shrinks (0.9)
+
+    def __post_init__(self) -> None:
+        if not 0 <= number("attack.di.p", self.p) <= 1:
+            raise UserError(f"attack.di.p={self.p} is a probability: choose it in [0, 1].")
+        if number("attack.di.rate", self.rate) <= 0:
+            raise UserError(f"attack.di.rate={self.rate}: need a positive resize factor.")
+
+    @classmethod
+    def from_cfg(cls, cfg: dict[str, Any] | None) -> DI | None:
+        return _from_cfg(cls, "di", cfg)
+
+    def params(self) -> dict[str, Any]:
+        return {"di_p": float(self.p), "di_rate": float(self.rate)}
+
+    def apply(self, x: torch.Tensor, keys: Sequence[int]) -> torch.Tensor:
+        """x (N,3,S,S) with one draw key per sample; the images that drew the same size are
+        transformed together, every other image left as it is."""
+        size = x.shape[-1]
+        if x.shape[-2] != size:
+            raise UserError(f"attack.di needs square images, got {x.shape[-2]}x{size}.")
+        scaled = math.floor(size * self.rate)
+        low, high = min(size, scaled), max(size, scaled)
+        if low == high:
+            return x
+        chosen: dict[int, list[tuple[int, int, int]]] = {}
+        for i, key in enumerate(keys):
+            if uniform(mix(key, 1)) < self.p:
+                r = randint(mix(key, 2), low, high)
+                top = randint(mix(key, 3), 0, high - r + 1)
+                left = randint(mix(key, 4), 0, high - r + 1)
+                chosen.setdefault(r, []).append((i, top, left))
+        if not chosen:
+            return x
+        out = x.clone()
+        for r, picks in chosen.items():
+            idx = torch.tensor([p[0] for p in picks], device=x.device)
+            tops = torch.tensor([p[1] for p in picks], device=x.device)
+            lefts = torch.tensor([p[2] for p in picks], device=x.device)
+            resized = F.interpolate(x[idx], size=(r, r), mode="bilinear", align_corners=False)
+            canvas = x.new_zeros(len(picks), high, high, x.shape[1])
+            steps = torch.arange(r, device=x.device)
+            rows = (tops[:, None] + steps)[:, :, None]  # (n, r, 1)
+            cols = (lefts[:, None] + steps)[:, None, :]  # (n, 1, r)
+            which = torch.arange(len(picks), device=x.device)[:, None, None]
+            canvas = canvas.index_put((which, rows, cols), resized.permute(0, 2, 3, 1))
+            padded = canvas.permute(0, 3, 1, 2)
+            if high != size:
+                padded = F.interpolate(
+                    padded, size=(size, size), mode="bilinear", align_corners=False
+                )
+            out = out.index_put((idx,), padded)
+        return out
+
+
+@dataclass(frozen=True)
+class TI:
+    """Translation invariance (Dong et al., CVPR 2019): the input gradient convolved, per colour
+    channel, with a normalized 2-D Gaussian kernel (the outer product of the standard normal pdf
+    at linspace(-nsig, nsig, size)), zero padding size // 2, before the momentum update."""
+
+    size: int = 15  # some ViT papers use 7
+    nsig: float = 3.0
+
+    def __post_init__(self) -> None:
+        size = whole("attack.ti.size", self.size)
+        if size % 2 == 0:
+            raise UserError(f"attack.ti.size={size}: need an odd kernel size (centred).")
+        if number("attack.ti.nsig", self.nsig) <= 0:
+            raise UserError(f"attack.ti.nsig={self.nsig}: need a positive width.")
+
+    @classmethod
+    def from_cfg(cls, cfg: dict[str, Any] | None) -> TI | None:
+        return _from_cfg(cls, "ti", cfg)
+
+    def params(self) -> dict[str, Any]:
+        return {"ti_size": self.size, "ti_nsig": float(self.nsig)}
+
+    def kernel(self, channels: int, like: torch.Tensor) -> torch.Tensor:
+        t = torch.linspace(-self.nsig, self.nsig, self.size, dtype=torch.float64)
+        pdf = torch.exp(-(t**2) / 2) / math.sqrt(2 * math.pi)
+        k = torch.outer(pdf, pdf)
+        k = (k / k.sum()).to(like)
+        return k.expand(channels, 1, self.size, self.size)
+
+    def apply(self, grad: torch.Tensor) -> torch.Tensor:
+        c = grad.shape[1]
+        return F.conv2d(grad, self.kernel(c, grad), padding=self.size // 2, groups=c)
+
+
+SCALE_SPACES = ("pixels", "model")
+
+
+@dataclass(frozen=True)
+class SI:
+    """Scale invariance (Lin et al., ICLR 2020): the gradient is the mean over i = 0..m-1 of the
+    gradients at (x + delta) / 2^i. `space=pixels` scales the [0,1] pixels (TransferAttack,
+    torchattacks); `space=model` scales the model's normalized input, as the original code did
+    with inputs in [-1, 1]."""
+
+    m: int = 5
+    space: str = "pixels"
+
+    def __post_init__(self) -> None:
+        whole("attack.si.m", self.m)
+        if self.space not in SCALE_SPACES:
+            raise UserError(f"attack.si.space={self.space!r}: choose one of {SCALE_SPACES}.")
+
+    @classmethod
+    def from_cfg(cls, cfg: dict[str, Any] | None) -> SI | None:
+        return _from_cfg(cls, "si", cfg)
+
+    def params(self) -> dict[str, Any]:
+        return {"si_m": self.m, "si_space": self.space}
+
+    def copies(self, x: torch.Tensor, mean: torch.Tensor | float) -> torch.Tensor:
+        """(B, m, 3, H, W): copy i is x / 2^i (pixels) or mean + (x - mean) / 2^i (model)."""
+        scales = x.new_tensor([2.0**-i for i in range(self.m)]).view(1, -1, 1, 1, 1)
+        if self.space == "pixels":
+            return x.unsqueeze(1) * scales
+        center = mean if isinstance(mean, float) else mean.view(1, 1, -1, 1, 1)
+        return center + (x.unsqueeze(1) - center) * scales
+
+
+@dataclass(frozen=True)
+class Admix:
+    """Admix (Wang et al., ICCV 2021): the gradient is the mean over j = 1..m2 and i = 0..m1-1
+    of the gradients at (x + delta + eta * x'_j) / 2^i, each x'_j drawn uniformly, per image and
+    iteration, from the OTHER clean images of the whole data set as listed before data.limit and
+    sharding (not from the batch: merged shards equal the unsharded run)."""
+
+    m1: int = 5
+    m2: int = 3
+    eta: float = 0.2
+
+    def __post_init__(self) -> None:
+        whole("attack.admix.m1", self.m1)
+        whole("attack.admix.m2", self.m2)
+        if not 0 <= number("attack.admix.eta", self.eta) <= 1:
+            raise UserError(f"attack.admix.eta={self.eta}: choose the mixing weight in [0, 1].")
+
+    @classmethod
+    def from_cfg(cls, cfg: dict[str, Any] | None) -> Admix | None:
+        return _from_cfg(cls, "admix", cfg)
+
+    def params(self) -> dict[str, Any]:
+        return {"admix_m1": self.m1, "admix_m2": self.m2, "admix_eta": float(self.eta)}
+
+    def partner_index(self, own: Sequence[int], keys: Sequence[int], pool_size: int) -> list[int]:
+        """m2 indices per image into the pool, never the image itself (pool order: the data
+        set as listed before data.limit and sharding)."""
+        if pool_size < 2:
+            raise UserError("attack.admix needs a data set of at least two images to mix.")
+        out = []
+        for i, key in zip(own, keys, strict=True):
+            for j in range(self.m2):
+                r = randint(mix(key, 0xAD, j), 0, pool_size - 1)
+                out.append(r + (r >= i))
+        return out
+
+    def copies(self, x: torch.Tensor, partners: torch.Tensor) -> torch.Tensor:
+        """(B, m2 * m1, 3, H, W) from x (B,3,H,W) and partners (B, m2, 3, H, W) in [0,1]."""
+        mixed = x.unsqueeze(1) + self.eta * partners  # (B, m2, ...)
+        scales = x.new_tensor([2.0**-i for i in range(self.m1)]).view(1, 1, -1, 1, 1, 1)
+        return (mixed.unsqueeze(2) * scales).flatten(1, 2)
+
+
+@dataclass
+class PartnerPool:
+    """The clean images Admix mixes in: the whole data set, decoded on demand."""
+
+    pixels: Pixels
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+    def load(self, index: Sequence[int], device: torch.device) -> torch.Tensor:
+        return self.pixels.load(index).to(device, non_blocking=True).float().div_(255.0)
+
+
+MODIFIERS = ("di", "ti", "si", "admix")  # the fixed order of labels: tgr_patchout_di_ti
