@@ -152,7 +152,7 @@ def craft(
                     adv = attack.perturb(
                         source.model,
                         clean.float() / 255.0,
-                        aim[idx].to(device),
+                        aim[idx].to(device, non_blocking=True),
                         [seeds[i] for i in idx],
                         ids=ids,
                     )

@@ -30,20 +30,50 @@ def forbid_host_sync() -> Iterator[list[str]]:
 
         return method
 
+    # Host data copied to a device without non_blocking: CUDA waits for the queued work first.
+    to, factories = torch.Tensor.to, {f: getattr(torch, f) for f in ("tensor", "as_tensor")}
+
+    def blocking_to(self, *args, **kwargs):
+        moves = "device" in kwargs or any(
+            isinstance(a, str | torch.device | torch.Tensor) for a in args
+        )
+        if moves and not kwargs.get("non_blocking", False) and True not in args[1:]:
+            calls.append("to(device)")
+        return to(self, *args, **kwargs)
+
+    def factory(name):
+        def make(data, *args, **kwargs):
+            if kwargs.get("device") is not None and not isinstance(data, torch.Tensor):
+                calls.append(f"{name}(device=)")
+            return factories[name](data, *args, **kwargs)
+
+        return make
+
     for name in SYNCING:
         setattr(torch.Tensor, name, guard(name))
+    torch.Tensor.to = blocking_to
+    for name in factories:
+        setattr(torch, name, factory(name))
     try:
         yield calls
     finally:
         for name, original in originals.items():
             setattr(torch.Tensor, name, original)
+        torch.Tensor.to = to
+        for name, original in factories.items():
+            setattr(torch, name, original)
 
 
 def test_the_guard_sees_syncs():
     with forbid_host_sync() as calls:
         torch.ones(2).sum().item()
         bool(torch.ones(1) > 0)
-    assert calls == ["item", "__bool__"]
+        torch.tensor([1, 2], device="cpu")
+        torch.ones(2).to("cpu")
+        torch.ones(2).to(torch.zeros(1, dtype=torch.float64))
+        torch.ones(2).to("cpu", non_blocking=True)  # allowed: no wait for the device
+        torch.ones(2).to(torch.float64)  # allowed: no copy between devices
+    assert calls == ["item", "__bool__", "tensor(device=)", "to(device)", "to(device)"]
 
 
 @pytest.mark.parametrize(

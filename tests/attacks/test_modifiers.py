@@ -174,6 +174,47 @@ def test_admix_is_the_mean_over_mixed_scaled_copies():
     assert torch.allclose(got, hand / 4, atol=1e-5, rtol=1e-4)
 
 
+class RunsOutOfMemory(torch.nn.Module):
+    """The tiny model behind a device that holds at most `limit` inputs per pass: a larger
+    pass raises the error CUDA raises, before any work."""
+
+    def __init__(self, model: torch.nn.Module, limit: int) -> None:
+        super().__init__()
+        self.model, self.limit, self.sizes = model, limit, []
+        self.mean = model.mean
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.sizes.append(len(x))
+        if len(x) > self.limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (test device)")
+        return self.model(x)
+
+
+@pytest.mark.parametrize("family,name", [("vit", "mi"), ("deit", "tgr")])
+def test_copies_split_in_halves_on_out_of_memory(family, name):
+    """SI's 4 copies of 2 images (8 inputs) on a device that holds 4: the pass is retried with
+    2 copies per image, the gradient equals the single pass, and the split is recorded. PatchOut's
+    L2 term is in the loss, so it must count once, not once per pass."""
+    model = tiny(family)
+    x, y = batch(2)
+    settings = {"si": {"m": 4}, "patchout": {"enabled": True, "l2": 0.5, "n_patches": 4}}
+    whole, split = on(name, "si", **settings), on(name, "si", **settings)
+    delta = 0.01 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    with whole.source_context(model):
+        expected = whole.input_gradient(model, x, delta, y, 0, [0, 1])
+    small = RunsOutOfMemory(model, limit=4)
+    with split.source_context(model):
+        got = split.input_gradient(small, x, delta, y, 0, [0, 1])
+        again = split.input_gradient(small, x, delta, y, 1, [0, 1])
+    assert small.sizes == [8, 4, 4, 4, 4]  # one failed pass, then halves; the split is kept
+    assert split.copy_chunk == 2 and split.stats()["copies_per_pass"] == 2
+    assert "copies_per_pass" not in whole.stats()
+    assert torch.allclose(got, expected, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(again, got)  # step 1: other PatchOut masks
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # one copy per pass is the floor
+        on(name, "si", **settings).input_gradient(RunsOutOfMemory(model, 1), x, delta, y, 0, [0, 1])
+
+
 # ---- batch 1 equals batch N, for every modifier and with TGR on -------------------------------
 @pytest.mark.parametrize(
     "name,family,modifiers",

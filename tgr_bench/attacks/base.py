@@ -98,6 +98,8 @@ class Attack:
             raise UserError(f"attack.target={target!r}: choose one of {list(TARGET_MODES)}.")
         self.targeted, self.target = targeted, target
         self.pool: PartnerPool | None = None  # Admix's clean images (use_pool)
+        # SI/Admix copies per image in one pass; None = all at once, halved on out-of-memory.
+        self.copy_chunk: int | None = None
 
     @property
     def label(self) -> str:
@@ -228,13 +230,49 @@ class Attack:
         own; `ids` are the images' places in the data set (Admix)."""
         delta = delta.detach().requires_grad_(True)
         inputs = self.model_input(x, delta, step, seeds)
-        if self.copies == 1 and self.di is None:
-            logits = model(inputs)
-        else:
-            inputs = self.expand(model, inputs, step, seeds if keys is None else keys, ids)
-            logits = model(inputs)
-            y = y.repeat_interleave(self.copies)
-        (grad,) = torch.autograd.grad(self.loss(logits, y, delta, self.copies), delta)
+        c = self.copies
+        if c == 1 and self.di is None:
+            (grad,) = torch.autograd.grad(self.loss(model(inputs), y, delta), delta)
+            return grad
+        inputs = self.expand(model, inputs, step, seeds if keys is None else keys, ids)
+        y = y.repeat_interleave(c)
+        while True:
+            chunk = self.copy_chunk or c
+            try:
+                if chunk >= c:
+                    (grad,) = torch.autograd.grad(self.loss(model(inputs), y, delta, c), delta)
+                    return grad
+                return self._chunked_gradient(model, inputs, y, delta, chunk)
+            except torch.cuda.OutOfMemoryError:
+                # Like the crafting batch: halve the copies per pass and retry; the images'
+                # draws are keyed per copy, so only the float summation order changes.
+                if chunk == 1:
+                    raise
+                self.copy_chunk = max(1, min(chunk, c) // 2)
+                torch.cuda.empty_cache()
+
+    def _chunked_gradient(
+        self,
+        model: nn.Module,
+        inputs: torch.Tensor,
+        y: torch.Tensor,
+        delta: torch.Tensor,
+        chunk: int,
+    ) -> torch.Tensor:
+        """The copies' gradient in passes of `chunk` copies per image, summed. Only the first
+        pass sees `delta` itself in the loss, so a penalty on delta (PatchOut's L2) counts once;
+        the others reach delta through `inputs` alone."""
+        b, c = len(delta), self.copies
+        inputs = inputs.view(b, c, *inputs.shape[1:])
+        y = y.view(b, c)
+        grad = torch.zeros_like(delta)
+        for start in range(0, c, chunk):
+            part = slice(start, min(c, start + chunk))
+            logits = model(inputs[:, part].reshape(-1, *inputs.shape[2:]))
+            own = delta if start == 0 else delta.detach()
+            loss = self.loss(logits, y[:, part].reshape(-1), own, c)
+            (g,) = torch.autograd.grad(loss, delta, retain_graph=start + chunk < c)
+            grad += g
         return grad
 
     def update(self, g: torch.Tensor, grad: torch.Tensor, step: int) -> torch.Tensor:
@@ -245,7 +283,8 @@ class Attack:
 
     def stats(self) -> dict[str, Any]:
         """Counters the attack wants recorded in run.json (e.g. how often hooks fired)."""
-        return {}
+        # Recorded because a split changes the float summation order of the copies' gradients.
+        return {"copies_per_pass": self.copy_chunk} if self.copy_chunk else {}
 
     # ---- the loop ----------------------------------------------------------------------------
     def perturb(

@@ -92,6 +92,7 @@ class GradientHookAttack(Attack):
     # ---- machinery ---------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         return {
+            **super().stats(),
             f"{self.name}_fired": dict(self.fired),
             f"{self.name}_sites": dict(Counter(b.site.component for b in self._sites)),
             f"{self.name}_family": self.family,

@@ -79,11 +79,15 @@ class DI:
                 chosen.setdefault(r, []).append((i, top, left))
         if not chosen:
             return x
-        out = x.clone()
+        # All draws in one copy that does not wait for the device (a blocking copy would wait
+        # for every queued kernel); each size's rows are then slices of it.
+        table = torch.tensor([p for r in chosen for p in chosen[r]], dtype=torch.long)
+        table = table.to(x.device, non_blocking=True)
+        out, first = x.clone(), 0
         for r, picks in chosen.items():
-            idx = torch.tensor([p[0] for p in picks], device=x.device)
-            tops = torch.tensor([p[1] for p in picks], device=x.device)
-            lefts = torch.tensor([p[2] for p in picks], device=x.device)
+            rows_of_r = table[first : first + len(picks)]
+            first += len(picks)
+            idx, tops, lefts = rows_of_r.unbind(1)
             resized = F.interpolate(x[idx], size=(r, r), mode="bilinear", align_corners=False)
             canvas = x.new_zeros(len(picks), high, high, x.shape[1])
             steps = torch.arange(r, device=x.device)
@@ -124,10 +128,13 @@ class TI:
         return {"ti_size": self.size, "ti_nsig": float(self.nsig)}
 
     def kernel(self, channels: int, like: torch.Tensor) -> torch.Tensor:
-        t = torch.linspace(-self.nsig, self.nsig, self.size, dtype=torch.float64)
+        # Built on the gradient's device: copying a host-built kernel would wait for the device.
+        t = torch.linspace(
+            -self.nsig, self.nsig, self.size, dtype=torch.float64, device=like.device
+        )
         pdf = torch.exp(-(t**2) / 2) / math.sqrt(2 * math.pi)
         k = torch.outer(pdf, pdf)
-        k = (k / k.sum()).to(like)
+        k = (k / k.sum()).to(like.dtype)
         return k.expand(channels, 1, self.size, self.size)
 
     def apply(self, grad: torch.Tensor) -> torch.Tensor:
