@@ -117,6 +117,37 @@ def test_di_on_one_image_equals_its_definition():
     assert torch.equal(DI(p=0.0).apply(x, [key]), x)  # never transformed
 
 
+@pytest.mark.parametrize("rate", [1.3, 0.8])  # enlarging (pad, resize back) and shrinking
+def test_di_on_many_images_equals_the_definition_image_by_image(rate):
+    x = torch.rand(12, 3, 20, 20, generator=torch.Generator().manual_seed(3))
+    di, keys = DI(p=0.7, rate=rate), [mix(11, i) for i in range(12)]
+    low, high = sorted((20, math.floor(20 * rate)))
+
+    def definition(z: torch.Tensor) -> torch.Tensor:
+        out = []
+        for i, key in enumerate(keys):
+            one = z[i : i + 1]
+            if uniform(mix(key, 1)) < 0.7:
+                r = randint(mix(key, 2), low, high)
+                top = randint(mix(key, 3), 0, high - r + 1)
+                left = randint(mix(key, 4), 0, high - r + 1)
+                small = F.interpolate(one, size=(r, r), mode="bilinear", align_corners=False)
+                one = F.pad(small, (left, high - r - left, top, high - r - top))
+                if high != 20:
+                    one = F.interpolate(one, size=(20, 20), mode="bilinear", align_corners=False)
+            out.append(one)
+        return torch.cat(out)
+
+    leaf = x.clone().requires_grad_(True)
+    got, expected = di.apply(leaf, keys), definition(leaf)
+    assert torch.allclose(got, expected, atol=1e-6)
+    # Gradients too: the attack differentiates through DI.
+    weights = torch.rand(x.shape, generator=torch.Generator().manual_seed(4))
+    (g,) = torch.autograd.grad((got * weights).sum(), leaf)
+    (h,) = torch.autograd.grad((expected * weights).sum(), leaf)
+    assert torch.allclose(g, h, atol=1e-6)
+
+
 def test_di_draws_are_per_image_and_per_key():
     x = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(2))
     di = DI(p=0.5, rate=1.5)

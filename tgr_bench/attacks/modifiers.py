@@ -83,25 +83,30 @@ class DI:
         # for every queued kernel); each size's rows are then slices of it.
         table = torch.tensor([p for r in chosen for p in chosen[r]], dtype=torch.long)
         table = table.to(x.device, non_blocking=True)
-        out, first = x.clone(), 0
-        for r, picks in chosen.items():
-            rows_of_r = table[first : first + len(picks)]
-            first += len(picks)
-            idx, tops, lefts = rows_of_r.unbind(1)
-            resized = F.interpolate(x[idx], size=(r, r), mode="bilinear", align_corners=False)
-            canvas = x.new_zeros(len(picks), high, high, x.shape[1])
-            steps = torch.arange(r, device=x.device)
-            rows = (tops[:, None] + steps)[:, :, None]  # (n, r, 1)
-            cols = (lefts[:, None] + steps)[:, None, :]  # (n, 1, r)
-            which = torch.arange(len(picks), device=x.device)[:, None, None]
-            canvas = canvas.index_put((which, rows, cols), resized.permute(0, 2, 3, 1))
-            padded = canvas.permute(0, 3, 1, 2)
-            if high != size:
-                padded = F.interpolate(
-                    padded, size=(size, size), mode="bilinear", align_corners=False
-                )
-            out = out.index_put((idx,), padded)
-        return out
+        pos = torch.arange(high, device=x.device)
+        # One selection then a split, whose backward is one concatenation (indexing each group
+        # out of x would zero-fill a gradient the size of x per group).
+        sizes = [len(picks) for picks in chosen.values()]
+        selected = x.index_select(0, table[:, 0]).split(sizes)
+        groups = zip(chosen, selected, table.split(sizes), strict=True)
+        canvases = []
+        for r, images, draws in groups:
+            n, c = len(images), x.shape[1]
+            _, tops, lefts = draws.unbind(1)
+            resized = F.interpolate(images, size=(r, r), mode="bilinear", align_corners=False)
+            # Padding at a per-image offset as two gathers: canvas row i is resized row
+            # i - top, or the zero row appended at index r when that falls outside.
+            resized = F.pad(resized, (0, 1, 0, 1))
+            rows = pos - tops[:, None]
+            rows = torch.where((rows >= 0) & (rows < r), rows, r)
+            cols = pos - lefts[:, None]
+            cols = torch.where((cols >= 0) & (cols < r), cols, r)
+            canvas = resized.gather(2, rows[:, None, :, None].expand(n, c, high, r + 1))
+            canvases.append(canvas.gather(3, cols[:, None, None, :].expand(n, c, high, high)))
+        padded = torch.cat(canvases)
+        if high != size:
+            padded = F.interpolate(padded, size=(size, size), mode="bilinear", align_corners=False)
+        return x.index_copy(0, table[:, 0], padded)
 
 
 @dataclass(frozen=True)
@@ -127,19 +132,22 @@ class TI:
     def params(self) -> dict[str, Any]:
         return {"ti_size": self.size, "ti_nsig": float(self.nsig)}
 
-    def kernel(self, channels: int, like: torch.Tensor) -> torch.Tensor:
+    def profile(self, like: torch.Tensor) -> torch.Tensor:
+        """The normalized 1-D Gaussian whose outer product with itself is the 2-D kernel."""
         # Built on the gradient's device: copying a host-built kernel would wait for the device.
         t = torch.linspace(
             -self.nsig, self.nsig, self.size, dtype=torch.float64, device=like.device
         )
-        pdf = torch.exp(-(t**2) / 2) / math.sqrt(2 * math.pi)
-        k = torch.outer(pdf, pdf)
-        k = (k / k.sum()).to(like.dtype)
-        return k.expand(channels, 1, self.size, self.size)
+        pdf = torch.exp(-(t**2) / 2)
+        return (pdf / pdf.sum()).to(like.dtype)
 
     def apply(self, grad: torch.Tensor) -> torch.Tensor:
-        c = grad.shape[1]
-        return F.conv2d(grad, self.kernel(c, grad), padding=self.size // 2, groups=c)
+        # The kernel is separable: a column pass then a row pass equal the 2-D convolution with
+        # zero padding, at 2 * size instead of size^2 multiplications per pixel.
+        c, half = grad.shape[1], self.size // 2
+        k = self.profile(grad)
+        grad = F.conv2d(grad, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), padding=(half, 0), groups=c)
+        return F.conv2d(grad, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), padding=(0, half), groups=c)
 
 
 SCALE_SPACES = ("pixels", "model")
