@@ -43,7 +43,7 @@ install: $(STAMP)  ## create .venv and install tgr-bench with its dev tools (CPU
 smoke: $(STAMP)  ## offline smoke run: tiny random-weight timm models, synthetic images (CPU, ~10 s)
 	$(BIN)/tgr-bench experiment=smoke
 
-test: $(STAMP)  ## lint and the whole test suite (CPU, no network, ~5 min on 2 cores)
+test: $(STAMP)  ## lint and the whole test suite (CPU, no network, ~8 min on 2 cores)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
