@@ -41,6 +41,12 @@ def forbid_host_sync() -> Iterator[list[str]]:
             calls.append("to(device)")
         return to(self, *args, **kwargs)
 
+    new_tensor = torch.Tensor.new_tensor
+
+    def blocking_new_tensor(self, data, *args, **kwargs):
+        calls.append("new_tensor")  # host data copied to self's device
+        return new_tensor(self, data, *args, **kwargs)
+
     def factory(name):
         def make(data, *args, **kwargs):
             if kwargs.get("device") is not None and not isinstance(data, torch.Tensor):
@@ -52,6 +58,7 @@ def forbid_host_sync() -> Iterator[list[str]]:
     for name in SYNCING:
         setattr(torch.Tensor, name, guard(name))
     torch.Tensor.to = blocking_to
+    torch.Tensor.new_tensor = blocking_new_tensor
     for name in factories:
         setattr(torch, name, factory(name))
     try:
@@ -60,6 +67,7 @@ def forbid_host_sync() -> Iterator[list[str]]:
         for name, original in originals.items():
             setattr(torch.Tensor, name, original)
         torch.Tensor.to = to
+        torch.Tensor.new_tensor = new_tensor
         for name, original in factories.items():
             setattr(torch, name, original)
 
@@ -73,7 +81,10 @@ def test_the_guard_sees_syncs():
         torch.ones(2).to(torch.zeros(1, dtype=torch.float64))
         torch.ones(2).to("cpu", non_blocking=True)  # allowed: no wait for the device
         torch.ones(2).to(torch.float64)  # allowed: no copy between devices
-    assert calls == ["item", "__bool__", "tensor(device=)", "to(device)", "to(device)"]
+        torch.ones(2).new_tensor([3.0])
+    assert calls == [
+        *("item", "__bool__", "tensor(device=)", "to(device)", "to(device)", "new_tensor")
+    ]
 
 
 @pytest.mark.parametrize(

@@ -153,6 +153,13 @@ class TI:
 SCALE_SPACES = ("pixels", "model")
 
 
+def halvings(m: int, like: torch.Tensor) -> torch.Tensor:
+    """[1, 1/2, ..., 1/2^(m-1)] made on like's device (exact powers of two): a tensor built from
+    host values would be a blocking copy that waits for the device."""
+    exponents = torch.arange(m, device=like.device)
+    return torch.ldexp(torch.ones(m, dtype=like.dtype, device=like.device), -exponents)
+
+
 @dataclass(frozen=True)
 class SI:
     """Scale invariance (Lin et al., ICLR 2020): the gradient is the mean over i = 0..m-1 of the
@@ -177,7 +184,7 @@ class SI:
 
     def copies(self, x: torch.Tensor, mean: torch.Tensor | float) -> torch.Tensor:
         """(B, m, 3, H, W): copy i is x / 2^i (pixels) or mean + (x - mean) / 2^i (model)."""
-        scales = x.new_tensor([2.0**-i for i in range(self.m)]).view(1, -1, 1, 1, 1)
+        scales = halvings(self.m, x).view(1, -1, 1, 1, 1)
         if self.space == "pixels":
             return x.unsqueeze(1) * scales
         center = mean if isinstance(mean, float) else mean.view(1, 1, -1, 1, 1)
@@ -223,7 +230,7 @@ class Admix:
     def copies(self, x: torch.Tensor, partners: torch.Tensor) -> torch.Tensor:
         """(B, m2 * m1, 3, H, W) from x (B,3,H,W) and partners (B, m2, 3, H, W) in [0,1]."""
         mixed = x.unsqueeze(1) + self.eta * partners  # (B, m2, ...)
-        scales = x.new_tensor([2.0**-i for i in range(self.m1)]).view(1, 1, -1, 1, 1, 1)
+        scales = halvings(self.m1, x).view(1, 1, -1, 1, 1, 1)
         return (mixed.unsqueeze(2) * scales).flatten(1, 2)
 
 
