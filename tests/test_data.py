@@ -161,3 +161,45 @@ def test_adversarial_folder_must_cover_every_clean_image(csv_set: Path, tmp_path
     write_images(adv, 5, size=32)  # now the wrong size
     with pytest.raises(UserError, match="is 32x32, its clean image is 64x64"):
         adversarial_pixels(adv, clean)
+
+
+# ---- Admix's partner pool: the whole listing, checked and hashed ------------------------------
+def test_admix_pool_beyond_the_limit_is_checked_and_hashed(make_cfg, csv_set: Path, tmp_path):
+    """The images beyond data.limit are Admix's partners too: a change there changes an Admix
+    run's data digest (so a resume is refused) and nothing else's; one of another size is
+    refused before any work, not in the middle of the attack."""
+    from tgr_bench.plan import make_plan
+
+    common = ("experiment=smoke", "data=folder", f"data.root={csv_set}", "data.limit=2")
+    admix = (*common, "attack.admix.enabled=true")
+
+    def digest(*overrides: str) -> str:
+        return make_plan(make_cfg(*overrides), tmp_path / "plan").data.digest
+
+    with_pool, without = digest(*admix), digest(*common)
+    assert with_pool != without
+    write_images(tmp_path / "other", 1, seed=9)  # other content, same size, for the 5th image
+    last = sorted(csv_set.glob("*.png"))[-1]
+    last.write_bytes((tmp_path / "other" / "ILSVRC2012_val_00000001.png").read_bytes())
+    assert digest(*admix) != with_pool and digest(*common) == without
+    write_images(tmp_path / "small", 1, size=32)
+    last.write_bytes((tmp_path / "small" / "ILSVRC2012_val_00000001.png").read_bytes())
+    assert digest(*common) == without  # not an image of this run, nor a partner: no concern
+    with pytest.raises(UserError, match=f"1 differ in size .* e.g. {last.name} \\(32, 32\\)"):
+        digest(*admix)
+
+
+def test_admix_needs_a_second_image(make_cfg, tmp_path: Path):
+    from tgr_bench.plan import make_plan
+
+    root = tmp_path / "one"
+    (stem,) = write_images(root, 1)
+    (root / "labels.csv").write_text(f"filename,label\n{stem}.png,3\n")
+    cfg = make_cfg("experiment=smoke", "data=folder", f"data.root={root}")
+    make_plan(cfg, tmp_path / "plan")  # fine without Admix
+    with pytest.raises(UserError, match="holds a single image"):
+        make_plan(
+            make_cfg("experiment=smoke", "data=folder", f"data.root={root}",
+                     "attack.admix.enabled=true"),
+            tmp_path / "plan",
+        )  # fmt: skip

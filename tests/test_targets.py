@@ -14,6 +14,7 @@ from tests.report.fake import LOOP, fake_run, identity, ok
 from tests.tiny import batch, tiny
 from tgr_bench import metrics
 from tgr_bench.attacks import build_attack
+from tgr_bench.data import load_folder
 from tgr_bench.errors import UserError
 from tgr_bench.pipeline import run
 from tgr_bench.record import RunRecord
@@ -130,3 +131,23 @@ def test_the_report_uses_tsr_for_targeted_tables_and_never_mixes(tmp_path: Path)
     fake_run(tmp_path / "t", "b", identity("vit_base", "mi", LOOP), [ok("pit_b", 4)])
     with pytest.raises(UserError, match="Targeted and untargeted runs cannot share a table"):
         targeted_metric(collect([tmp_path / "t"]), "asr")
+
+
+def test_untargeted_runs_neither_read_nor_hash_the_target_column(csv_set: Path):
+    """A `target` column with a blank and a bad cell: an untargeted run's data (and its digest,
+    which decides resumes) is as without the column; a targeted run that reads it is told which
+    cell is wrong."""
+    plain = load_folder(csv_set).digest
+    path = csv_set / "labels.csv"
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["filename", "label", "target"])
+        for row, target in zip(rows, ["", "cat", "3", "4", "5"], strict=True):
+            w.writerow([row["filename"], row["label"], target])
+    data = load_folder(csv_set)
+    assert data.digest == plain and data.targets is None
+    with pytest.raises(UserError, match="for the target of ILSVRC2012_val_00000001"):
+        data.column_targets()
+    assert load_folder(csv_set, limit=5).subset([2, 4], None).column_targets().tolist() == [3, 5]

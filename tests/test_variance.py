@@ -288,3 +288,23 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path: Path, args: list[str], 
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("tgr-bench-variance: error: ")
     assert message in lines[0] and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize(
+    "setting,named",
+    [
+        ("attack_overrides.mi.si.enabled=true", "si"),
+        ("attack_overrides.mi.admix.enabled=true", "admix"),
+        ("attack_overrides.mi.targeted=true", "targeted"),
+    ],
+)
+def test_settings_the_statistics_cannot_mean_are_refused(tmp_path: Path, setting, named):
+    """Copies would be counted as images, and the loop aims at the true labels."""
+    from tgr_bench.variance import run
+
+    overrides = ["experiment=smoke", "source=test_vit", "attacks=[mi]", "data.n=2", setting]
+    with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
+        cfg = compose("variance", overrides=overrides)
+    with pytest.raises(UserError, match=f"does not support {named}"):
+        run(cfg, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

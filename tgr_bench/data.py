@@ -116,11 +116,15 @@ class ImageSet:
     shard: str | None = None  # "i/N" when this is one shard of a larger set
     unlabeled_skipped: int = 0
     file_sha256: list[str] | None = None  # folder sets: each file's hash, from the check
-    targets: torch.Tensor | None = None  # labels.csv `target` column, or the attack's draw
+    # The target labels of a targeted run (set by the pipeline, then part of the digest), and
+    # labels.csv's raw `target` cells, read and checked only when a targeted run asks for them.
+    targets: torch.Tensor | None = None
+    target_column: list[str] | None = None
     # The whole data set in listing order, before data.limit and sharding, and each image's
     # place in it: Admix mixes in other clean images from there, so shards equal the whole run.
     pool: Pixels | None = None
     pool_index: list[int] | None = None
+    pool_sha256: str | None = None  # set by checked_pool(): Admix runs depend on the whole pool
     _digest: str | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
@@ -135,6 +139,8 @@ class ImageSet:
             h.update(self.labels.numpy().tobytes())
             if self.targets is not None:
                 h.update(b"targets" + self.targets.numpy().tobytes())
+            if self.pool_sha256 is not None:
+                h.update(b"pool" + self.pool_sha256.encode())
             if self.file_sha256 is not None:
                 h.update("\n".join(self.file_sha256).encode())
             else:
@@ -150,6 +156,46 @@ class ImageSet:
     def with_targets(self, targets: torch.Tensor) -> ImageSet:
         return replace(self, targets=targets, _digest=None)
 
+    def column_targets(self) -> torch.Tensor | None:
+        """labels.csv's `target` column for these images, checked (None without the column)."""
+        if self.target_column is None:
+            return None
+        where = f"{CSV_LABELS} of {self.root}"
+        return torch.tensor(
+            [
+                _check_label(v, f"the target of {stem} in {where}")
+                for stem, v in zip(self.stems, self.target_column, strict=True)
+            ],
+            dtype=torch.int64,
+        )
+
+    def checked_pool(self) -> ImageSet:
+        """This set with its Admix partner pool (the whole listing, beyond data.limit and the
+        shard) checked like the images themselves and hashed into the digest: the adversarial
+        images depend on every pool image, so a changed pool must not pass for the same data."""
+        pool = self.pool or self.pixels
+        if len(pool) < 2:
+            raise UserError(
+                "attack.admix mixes each image with other clean images of the data set, and this "
+                "one holds a single image. Use a larger data set or turn attack.admix off."
+            )
+        if isinstance(pool, FilePixels):
+            pairs = list(zip(pool.paths, inspect_files(pool.paths), strict=True))
+            odd = [(p, i.size) for p, i in pairs if i.size != self.size]
+            if odd:
+                raise UserError(
+                    f"attack.admix draws partners from every image of {self.root}, and "
+                    f"{len(odd)} differ in size from the attacked ones ({self.size}), e.g. "
+                    f"{odd[0][0].name} {odd[0][1]}. Resize the whole set first."
+                )
+            content = "\n".join(f"{p.name} {i.sha256}" for p, i in pairs)
+        elif isinstance(pool, SyntheticPixels):
+            content = f"{pool.size} " + hashlib.sha256(pool.low.numpy().tobytes()).hexdigest()
+        else:  # in-memory pixels (benchmarks)
+            content = hashlib.sha256(pool.load(range(len(pool))).numpy().tobytes()).hexdigest()
+        digest = hashlib.sha256(f"{len(pool)}\n{content}".encode()).hexdigest()
+        return replace(self, pool=pool, pool_sha256=digest, _digest=None)
+
     def subset(self, idx: list[int], shard: str | None) -> ImageSet:
         return replace(
             self,
@@ -159,6 +205,7 @@ class ImageSet:
             shard=shard,
             file_sha256=[self.file_sha256[i] for i in idx] if self.file_sha256 else None,
             targets=self.targets[idx] if self.targets is not None else None,
+            target_column=[self.target_column[i] for i in idx] if self.target_column else None,
             pool_index=[self.pool_index[i] for i in idx] if self.pool_index else None,
             _digest=None,
         )
@@ -214,18 +261,14 @@ def detect_layout(root: Path) -> tuple[str, Path, Path]:
     )
 
 
-def _read_targets(label_file: Path) -> dict[str, int]:
-    """The optional `target` column of labels.csv (targeted attacks): stem -> class."""
+def _read_target_column(label_file: Path) -> dict[str, str]:
+    """The optional `target` column of labels.csv, raw (stem -> cell): checked only by a
+    targeted run that uses it, so an untargeted run never depends on it."""
     with open(label_file, newline="") as f:
         reader = csv.DictReader(f)
         if "target" not in (reader.fieldnames or []):
             return {}
-        return {
-            Path((row["filename"] or "").strip()).stem: _check_label(
-                row["target"], f"the target of {row['filename']} in {label_file}"
-            )
-            for row in reader
-        }
+        return {Path((row["filename"] or "").strip()).stem: row["target"] or "" for row in reader}
 
 
 def _read_labels(layout: str, label_file: Path) -> dict[str, int]:
@@ -312,7 +355,7 @@ def load_folder(
             f"Images in {folder} differ in size ({sorted(sizes)}; e.g. {odd!r} vs {stems[0]!r}). "
             f"The protocol stores every image at one size (224x224); resize the set first."
         )
-    targets = _read_targets(label_file) if layout == "csv" else {}
+    column = _read_target_column(label_file) if layout == "csv" else {}
     position = {s: i for i, s in enumerate(listing)}
     return ImageSet(
         stems=stems,
@@ -324,7 +367,7 @@ def load_folder(
         shard=f"{shard}/{num_shards}" if num_shards > 1 else None,
         unlabeled_skipped=len(unlabeled),
         file_sha256=[i.sha256 for i in infos],
-        targets=torch.tensor([targets[s] for s in stems]) if targets else None,
+        target_column=[column[s] for s in stems] if column else None,
         pool=FilePixels([images[s] for s in listing]),
         pool_index=[position[s] for s in stems],
     )

@@ -30,13 +30,21 @@ def predict(
     batch_size: int,
     device: torch.device,
     on_batch: Callable[[int], None] | None = None,
+    rank: str = "top",
 ) -> torch.Tensor:
     """Top-1 ImageNet class of every image of `pixels` (decoded batch by batch, ahead of the
     device), computed in inference mode, returned on CPU: argmax of the logits minus the
     model's label_offset, so a TF-slim network's background logit predicts -1, a wrong answer.
-    A batch that runs out of GPU memory is retried in halves (what `eval_batch_size=auto`
-    relies on)."""
+    `rank="least"`: the least likely of the 1000 ImageNet classes instead (the background
+    logit excluded). A batch that runs out of GPU memory is retried in halves (what
+    `eval_batch_size=auto` relies on)."""
     offset = int(getattr(model, "label_offset", 0))
+
+    def pick(logits: torch.Tensor) -> torch.Tensor:
+        if rank == "least":
+            return logits[:, offset:].argmin(dim=1)
+        return logits.argmax(dim=1) - offset
+
     preds = []
     device = torch.device(device)
     pin = device.type == "cuda"
@@ -47,7 +55,7 @@ def predict(
                 part = decoded[start : start + batch_size]
                 x = (part.pin_memory() if pin else part).to(device, non_blocking=True)
                 try:
-                    preds.append(model(x.float().div_(255.0)).argmax(dim=1) - offset)
+                    preds.append(pick(model(x.float().div_(255.0))))
                 except torch.cuda.OutOfMemoryError:
                     if batch_size == 1:
                         raise

@@ -79,6 +79,7 @@ def _data_info(data: ImageSet) -> DataInfo:
         sha256=data.digest,
         shard=data.shard,
         unlabeled_skipped=data.unlabeled_skipped,
+        pool_sha256=data.pool_sha256,
     )
 
 
@@ -107,7 +108,8 @@ def prepare_source(
         )
         data = data.with_targets(targets)
     if plan.attack.admix is not None:
-        plan.attack.use_pool(data.pool or data.pixels)
+        assert data.pool is not None and data.pool_sha256 is not None  # plan: checked_pool()
+        plan.attack.use_pool(data.pool)
     attacking.enter_context(plan.attack.source_context(source.model))
     return source, data
 

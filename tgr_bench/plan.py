@@ -142,6 +142,10 @@ def make_plan(cfg: Any, out_dir: Path) -> Plan:
             )
         present_of = len(data)
         data = data.subset(keep, data.shard)
+    if attack is not None:
+        attack.check_data(*data.size)
+        if attack.admix is not None:
+            data = data.checked_pool()
     tf2torch_dir = cfg.get("tf2torch_dir")
     source_weights = resolve_weights(source, tf2torch_dir) if source else None
     targets = []

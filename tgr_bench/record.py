@@ -147,6 +147,7 @@ class DataInfo:
     sha256: str
     shard: str | None = None
     unlabeled_skipped: int = 0
+    pool_sha256: str | None = None  # Admix runs: the partner pool (the whole data set)
 
 
 @dataclass

@@ -20,7 +20,7 @@ from tgr_bench.atomic import atomic_write
 from tgr_bench.attacks.draws import mix, randint
 from tgr_bench.data import NUM_CLASSES, ImageSet
 from tgr_bench.errors import UserError
-from tgr_bench.pixels import batches
+from tgr_bench.evaluate import predict
 from tgr_bench.record import TARGETS_CSV
 
 
@@ -36,14 +36,9 @@ def random_targets(labels: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
 def least_likely(
     model: nn.Module, data: ImageSet, batch_size: int, device: torch.device
 ) -> torch.Tensor:
-    """The source's least likely ImageNet class on each clean image."""
-    offset = int(getattr(model, "label_offset", 0))
-    out = []
-    with torch.inference_mode():
-        for _, decoded in batches(data.pixels, range(len(data)), batch_size):
-            logits = model(decoded.to(device).float().div_(255.0))
-            out.append(logits[:, offset:].argmin(dim=1))  # never the background logit
-    return torch.cat(out).cpu()
+    """The source's least likely ImageNet class on each clean image (never the background
+    logit of a 1001-class source), with evaluation's batching and out-of-memory halving."""
+    return predict(model, data.pixels, batch_size, device, rank="least")
 
 
 def choose_targets(
@@ -54,14 +49,15 @@ def choose_targets(
     batch_size: int,
     device: torch.device,
 ) -> torch.Tensor:
-    if mode == "labels" or (mode == "auto" and data.targets is not None):
-        if data.targets is None:
+    column = data.column_targets()
+    if mode == "labels" or (mode == "auto" and column is not None):
+        if column is None:
             raise UserError(
                 "attack.target=labels takes the `target` column of labels.csv, and this data "
                 "set has none. Add the column (filename,label,target) or choose attack.target="
                 "random or least_likely."
             )
-        return data.targets
+        return column
     if mode == "least_likely":
         return least_likely(model, data, batch_size, device)
     return random_targets(data.labels, seeds)

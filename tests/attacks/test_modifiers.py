@@ -108,7 +108,7 @@ def test_di_on_one_image_equals_its_definition():
     di = DI(p=1.0, rate=1.3)
     key = 12345
     r = randint(mix(key, 2), 20, 26)  # r in [S, floor(1.3 S)) = [20, 26)
-    top, left = randint(mix(key, 3), 0, 26 - r + 1), randint(mix(key, 4), 0, 26 - r + 1)
+    top, left = randint(mix(key, 3), 0, 26 - r), randint(mix(key, 4), 0, 26 - r)
     small = F.interpolate(x, size=(r, r), mode="bilinear", align_corners=False)
     canvas = torch.zeros(1, 3, 26, 26)
     canvas[:, :, top : top + r, left : left + r] = small
@@ -129,8 +129,8 @@ def test_di_on_many_images_equals_the_definition_image_by_image(rate):
             one = z[i : i + 1]
             if uniform(mix(key, 1)) < 0.7:
                 r = randint(mix(key, 2), low, high)
-                top = randint(mix(key, 3), 0, high - r + 1)
-                left = randint(mix(key, 4), 0, high - r + 1)
+                top = randint(mix(key, 3), 0, high - r)
+                left = randint(mix(key, 4), 0, high - r)
                 small = F.interpolate(one, size=(r, r), mode="bilinear", align_corners=False)
                 one = F.pad(small, (left, high - r - left, top, high - r - top))
                 if high != 20:
@@ -244,6 +244,49 @@ def test_copies_split_in_halves_on_out_of_memory(family, name):
     assert not torch.allclose(again, got)  # step 1: other PatchOut masks
     with pytest.raises(torch.cuda.OutOfMemoryError):  # one copy per pass is the floor
         on(name, "si", **settings).input_gradient(RunsOutOfMemory(model, 1), x, delta, y, 0, [0, 1])
+
+
+def test_admix_with_one_partner_and_one_scale_still_mixes():
+    """m1 = m2 = 1 is one copy per image, and still the gradient at x + eta * x', not at x."""
+    model = tiny("vit")
+    x, y = batch(2)
+    attack = on("mi", "admix", admix={"m1": 1, "m2": 1, "eta": 0.3})
+    pool = pool_of(5)
+    attack.use_pool(pool)
+    got = attack.input_gradient(model, x, torch.zeros_like(x), y, 0, [0, 1], ids=[0, 1])
+    index = attack.admix.partner_index([0, 1], [mix(s, 0) for s in (0, 1)], 5)
+    partners = pool.load(index).float().div(255)
+    hand = grad_at(model, lambda z: z + 0.3 * partners, x, y)
+    assert torch.allclose(got, hand, atol=1e-5, rtol=1e-4)
+    plain = on("mi").input_gradient(model, x, torch.zeros_like(x), y, 0, [0, 1])
+    assert not torch.allclose(got, plain, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "rate,size,match",
+    [
+        (1.0, (224, 224), "would do nothing. Choose a rate of at least 1.004"),
+        (1.004, (224, 224), "would do nothing"),
+        (0.001, (224, 224), "to 0 pixels"),
+        (1.1, (224, 200), "needs square images; this data set stores 224x200"),
+    ],
+)
+def test_di_settings_that_cannot_act_are_refused(rate, size, match):
+    with pytest.raises(UserError, match=match):
+        DI(rate=rate).check_size(*size)
+    DI(rate=1.1).check_size(224, 224)  # enlarging and shrinking rates that act are fine
+    DI(rate=0.9).check_size(224, 224)
+
+
+def test_modifier_refusals_come_before_any_work(make_cfg, tmp_path):
+    """A DI rate that would do nothing on the data's 224-pixel images is refused by the plan:
+    no run directory, no model built."""
+    from tgr_bench.pipeline import run
+
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match="DI would do nothing"):
+        run(make_cfg("experiment=smoke", "attack.di.enabled=true", "attack.di.rate=1.0"), out)
+    assert not out.exists()
 
 
 # ---- batch 1 equals batch N, for every modifier and with TGR on -------------------------------

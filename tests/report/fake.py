@@ -57,6 +57,7 @@ def fake_run(
     status: str = "complete",
     targets: list[str] | None = None,
     sha: str = "a" * 64,
+    pool: str | None = None,
 ) -> Path:
     """A crafting run directory; `results` None: the run stopped before writing results."""
     d = root / name
@@ -75,7 +76,9 @@ def fake_run(
         config={"seed": ident.seed},
         started="2026-01-01T00:00:00+00:00",
         status=status if results is not None else ("failed" if status == "complete" else status),
-        data=DataInfo(root="/data/tgr1000", layout="json", n_images=10, sha256="0" * 64),
+        data=DataInfo(
+            root="/data/tgr1000", layout="json", n_images=10, sha256="0" * 64, pool_sha256=pool
+        ),
         attack={"label": ident.attack, "params": ident.params, "defaults": info.defaults},
         target_keys=targets or [r[0] for r in results or []],
         sets=[info],

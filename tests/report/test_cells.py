@@ -26,6 +26,22 @@ def test_shards_merge_to_the_unsharded_numbers(tmp_path: Path):
     assert collect([half]).iloc[0].status == "incomplete"
 
 
+def test_admix_shards_merge_only_over_one_partner_pool(tmp_path: Path):
+    """Admix's images depend on the whole data set: shards made on two versions of it are not
+    parts of one run."""
+    same, other = tmp_path / "same", tmp_path / "other"
+    for root, second in ((same, "p1"), (other, "p2")):
+        fake_run(
+            root, "s0", identity("vit_base", "mi", shard=(0, 2)), [ok("pit_b", 3, n=5)], pool="p1"
+        )
+        fake_run(
+            root, "s1", identity("vit_base", "mi", shard=(1, 2)), [ok("pit_b", 1, n=4)], pool=second
+        )
+    assert collect([same]).iloc[0].n == 9
+    with pytest.raises(UserError, match="mixed in different pools of clean images"):
+        collect([other])
+
+
 def test_a_pilot_on_fewer_images_is_a_row_of_its_own(tmp_path: Path):
     fake_run(tmp_path, "full", identity("vit_base", "mi"), [ok("pit_b", 400, n=1000)])
     fake_run(tmp_path, "pilot", identity("vit_base", "mi", data={"limit": 100}), [ok("pit_b", 2)])

@@ -150,6 +150,12 @@ class Attack:
             **({"targeted": True, "target": self.target} if self.targeted else {}),
         }
 
+    def check_data(self, height: int, width: int) -> None:
+        """Refuse, before any work, modifier settings that cannot act on images of the data
+        set's stored size (Admix's pool is checked with the data: ImageSet.checked_pool)."""
+        if self.di is not None:
+            self.di.check_size(height, width)
+
     def bind_family(self, family: str | None, source: str | None = None) -> None:
         """Learn the source's family (architectures.source_family) before `params()` is asked:
         attacks whose settings resolve per family (TGR's `auto`) or that need sites refuse an
@@ -231,7 +237,7 @@ class Attack:
         delta = delta.detach().requires_grad_(True)
         inputs = self.model_input(x, delta, step, seeds)
         c = self.copies
-        if c == 1 and self.di is None:
+        if self.si is None and self.admix is None and self.di is None:
             (grad,) = torch.autograd.grad(self.loss(model(inputs), y, delta), delta)
             return grad
         inputs = self.expand(model, inputs, step, seeds if keys is None else keys, ids)

@@ -60,22 +60,42 @@ class DI:
     def params(self) -> dict[str, Any]:
         return {"di_p": float(self.p), "di_rate": float(self.rate)}
 
+    def check_size(self, height: int, width: int) -> None:
+        """Refuse, before any work, a stored size this rate cannot transform: DI would silently
+        do nothing (floor(S * rate) == S) or resize to nothing."""
+        if height != width:
+            raise UserError(
+                f"attack.di needs square images; this data set stores {height}x{width}. Resize "
+                f"the set to a square size (the protocol's is 224x224)."
+            )
+        scaled = math.floor(width * self.rate)
+        if scaled == width:
+            raise UserError(
+                f"attack.di.rate={self.rate} leaves {width}-pixel images as they are "
+                f"(floor({width} x {self.rate}) = {width}): DI would do nothing. Choose a rate of "
+                f"at least {(width + 1) / width:.4g} to enlarge (TransferAttack: 1.1) or at most "
+                f"{(width - 1) / width:.4g} to shrink (torchattacks: 0.9)."
+            )
+        if scaled < 1:
+            raise UserError(
+                f"attack.di.rate={self.rate} would resize {width}-pixel images to 0 pixels: "
+                f"choose a rate of at least {1 / width:.4g} (usually 0.9 or 1.1)."
+            )
+
     def apply(self, x: torch.Tensor, keys: Sequence[int]) -> torch.Tensor:
         """x (N,3,S,S) with one draw key per sample; the images that drew the same size are
         transformed together, every other image left as it is."""
         size = x.shape[-1]
-        if x.shape[-2] != size:
-            raise UserError(f"attack.di needs square images, got {x.shape[-2]}x{size}.")
+        self.check_size(x.shape[-2], size)
         scaled = math.floor(size * self.rate)
         low, high = min(size, scaled), max(size, scaled)
-        if low == high:
-            return x
         chosen: dict[int, list[tuple[int, int, int]]] = {}
         for i, key in enumerate(keys):
             if uniform(mix(key, 1)) < self.p:
                 r = randint(mix(key, 2), low, high)
-                top = randint(mix(key, 3), 0, high - r + 1)
-                left = randint(mix(key, 4), 0, high - r + 1)
+                # Offsets in [0, high - r), as the original code and its ports draw them.
+                top = randint(mix(key, 3), 0, high - r)
+                left = randint(mix(key, 4), 0, high - r)
                 chosen.setdefault(r, []).append((i, top, left))
         if not chosen:
             return x
@@ -244,7 +264,10 @@ class PartnerPool:
         return len(self.pixels)
 
     def load(self, index: Sequence[int], device: torch.device) -> torch.Tensor:
-        return self.pixels.load(index).to(device, non_blocking=True).float().div_(255.0)
+        decoded = self.pixels.load(index)
+        if torch.device(device).type == "cuda":  # a large copy from pageable memory may block
+            decoded = decoded.pin_memory()
+        return decoded.to(device, non_blocking=True).float().div_(255.0)
 
 
 MODIFIERS = ("di", "ti", "si", "admix")  # the fixed order of labels: tgr_patchout_di_ti

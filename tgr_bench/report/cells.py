@@ -66,6 +66,8 @@ def _units(run: LoadedRun) -> list[dict[str, Any]]:
             "cell": ident.cell() if ident else info.run_id,
             "shard": ident.shard if ident else None,
             "run_dir": str(run.path),
+            # Admix: shards merge only if they mixed in the same pool of clean images.
+            "pool": rec.data.pool_sha256 if rec.data and ident == rec.identity else None,
         }
     if not rec.complete:
         status = "failed" if rec.status == "failed" else "incomplete"
@@ -110,6 +112,15 @@ def _sum(values: list[int | None]) -> int | None:
 
 def _merge(members: list[dict[str, Any]], note: Callable[[str], None]) -> dict[str, Any]:
     """One cell from the units of one (cell, target): shards added, collisions refused."""
+    pools = {u["pool"]: u["run_dir"] for u in members if u.get("pool")}
+    if len(pools) > 1:
+        a, b = list(pools.values())[:2]
+        raise UserError(
+            f"The shards of {members[0]['source']} / {members[0]['attack']} in {a} and {b} mixed "
+            f"in different pools of clean images (attack.admix draws partners from the whole "
+            f"data set, and it changed between them), so they are not parts of one run. Re-run "
+            f"the older shards on the current data."
+        )
     by_shard: dict[Any, dict[str, Any]] = {}
     for u in members:
         key = tuple(u["shard"]) if u["shard"] else None

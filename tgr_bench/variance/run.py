@@ -74,7 +74,19 @@ def build_attacks(cfg: Any, spec: ModelSpec) -> list[tuple[str, Attack]]:
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise UserError(f"attacks= lists {repeated} more than once.")
-    return [(n, build_attack(configs[n], spec.arch, spec.key)) for n in names]
+    attacks = [(n, build_attack(configs[n], spec.arch, spec.key)) for n in names]
+    for n, attack in attacks:
+        # The statistics are per image and the loop here aims at the true labels: copies
+        # (SI, Admix) would count as images, and a targeted loss would aim at the wrong class.
+        unsupported = [m for m in ("si", "admix") if getattr(attack, m) is not None]
+        unsupported += ["targeted"] if attack.targeted else []
+        if unsupported:
+            raise UserError(
+                f"attack_overrides.{n}: tgr-bench-variance does not support "
+                f"{' or '.join(unsupported)} (its statistics are one per image, on untargeted "
+                f"attacks). Turn them off for this analysis; DI, TI and PatchOut are supported."
+            )
+    return attacks
 
 
 def _family(spec: ModelSpec) -> str:
@@ -131,6 +143,8 @@ def make_plan(cfg: Any, out_dir: Path) -> VariancePlan:
     check_model_name(spec)
     data_spec = DataSpec.from_cfg(_container(cfg.data))
     data = load_dataset(data_spec)
+    for _, attack in attacks:
+        attack.check_data(*data.size)
     time_plain = cfg.get("time_plain", True)
     if not isinstance(time_plain, bool):
         raise UserError(f"time_plain={time_plain!r}: use true or false.")
