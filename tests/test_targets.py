@@ -64,15 +64,17 @@ def test_random_targets_are_other_classes_and_seeded():
     assert not torch.equal(t, random_targets(labels, [s + 1 for s in seeds]))
 
 
-def with_targets(csv_set: Path) -> Path:
+def with_targets(csv_set: Path, cells: list[str] | None = None) -> Path:
+    """labels.csv with a `target` column: `cells`, or 500, 501, ... by default."""
     path = csv_set / "labels.csv"
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
+    cells = cells or [str(500 + i) for i in range(len(rows))]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["filename", "label", "target"])
-        for i, row in enumerate(rows):
-            w.writerow([row["filename"], row["label"], 500 + i])
+        for row, target in zip(rows, cells, strict=True):
+            w.writerow([row["filename"], row["label"], target])
     return csv_set
 
 
@@ -138,15 +140,7 @@ def test_untargeted_runs_neither_read_nor_hash_the_target_column(csv_set: Path):
     which decides resumes) is as without the column; a targeted run that reads it is told which
     cell is wrong."""
     plain = load_folder(csv_set).digest
-    path = csv_set / "labels.csv"
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["filename", "label", "target"])
-        for row, target in zip(rows, ["", "cat", "3", "4", "5"], strict=True):
-            w.writerow([row["filename"], row["label"], target])
-    data = load_folder(csv_set)
+    data = load_folder(with_targets(csv_set, ["", "cat", "3", "4", "5"]))
     assert data.digest == plain and data.targets is None
     with pytest.raises(UserError, match="for the target of ILSVRC2012_val_00000001"):
         data.column_targets()

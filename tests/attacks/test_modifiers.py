@@ -187,15 +187,22 @@ def test_admix_partners_are_other_images_of_the_whole_set():
         admix.partner_index([0], [1], 1)
 
 
-def test_admix_is_the_mean_over_mixed_scaled_copies():
+def admix_gradient(m1: int, m2: int) -> tuple:
+    """(model, x, y, the Admix gradient at step 0 of 2 images, their partners (2, m2, 3, H, W))
+    with eta 0.3 and a pool of 5 images."""
     model = tiny("vit")
     x, y = batch(2)
-    attack = on("mi", "admix", admix={"m1": 2, "m2": 2, "eta": 0.3})
+    attack = on("mi", "admix", admix={"m1": m1, "m2": m2, "eta": 0.3})
     pool = pool_of(5)
     attack.use_pool(pool)
     got = attack.input_gradient(model, x, torch.zeros_like(x), y, 0, [0, 1], ids=[0, 1])
     index = attack.admix.partner_index([0, 1], [mix(s, 0) for s in (0, 1)], 5)
-    partners = pool.load(index).float().div(255).view(2, 2, 3, 64, 64)
+    partners = pool.load(index).float().div(255).view(2, m2, *x.shape[1:])
+    return model, x, y, got, partners
+
+
+def test_admix_is_the_mean_over_mixed_scaled_copies():
+    model, x, y, got, partners = admix_gradient(m1=2, m2=2)
     hand = 0
     for j in range(2):
         for i in range(2):
@@ -248,15 +255,8 @@ def test_copies_split_in_halves_on_out_of_memory(family, name):
 
 def test_admix_with_one_partner_and_one_scale_still_mixes():
     """m1 = m2 = 1 is one copy per image, and still the gradient at x + eta * x', not at x."""
-    model = tiny("vit")
-    x, y = batch(2)
-    attack = on("mi", "admix", admix={"m1": 1, "m2": 1, "eta": 0.3})
-    pool = pool_of(5)
-    attack.use_pool(pool)
-    got = attack.input_gradient(model, x, torch.zeros_like(x), y, 0, [0, 1], ids=[0, 1])
-    index = attack.admix.partner_index([0, 1], [mix(s, 0) for s in (0, 1)], 5)
-    partners = pool.load(index).float().div(255)
-    hand = grad_at(model, lambda z: z + 0.3 * partners, x, y)
+    model, x, y, got, partners = admix_gradient(m1=1, m2=1)
+    hand = grad_at(model, lambda z: z + 0.3 * partners[:, 0], x, y)
     assert torch.allclose(got, hand, atol=1e-5, rtol=1e-4)
     plain = on("mi").input_gradient(model, x, torch.zeros_like(x), y, 0, [0, 1])
     assert not torch.allclose(got, plain, atol=1e-4)
