@@ -41,6 +41,18 @@ def runs(tmp_path: Path) -> Path:
     return root
 
 
+def test_runs_with_modifiers_follow_their_attack(tmp_path: Path):
+    """The `make tricks` table: each attack, then its runs with DI/TI, fewest modifiers first;
+    unknown attacks last."""
+    labels = ["tgr_di_ti", "zeta", "mi_ti", "tgr_patchout_di", "mi", "pna_di", "tgr", "mi_di"]
+    for label in labels:
+        fake_run(tmp_path, label, identity("vit_base", label), [ok("pit_b", 3)])
+    table = paper_table(collect([tmp_path]))
+    assert table.attack.tolist() == [
+        *("mi", "mi_di", "mi_ti", "pna_di", "tgr", "tgr_di_ti", "tgr_patchout_di", "zeta")
+    ]
+
+
 def test_paper_table_text(runs: Path):
     table = paper_table(collect([runs]))
     assert list(table.columns) == [

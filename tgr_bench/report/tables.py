@@ -22,16 +22,26 @@ def _value_key(value: object) -> tuple:
     return (0, float(value), "") if isinstance(value, int | float) else (1, 0.0, str(value))
 
 
+def _attack_rank(label: str) -> tuple[int, int]:
+    """(the paper's rank of the attack a label starts with, how many modifiers follow it):
+    `tgr_di_ti` sorts after `tgr` and `tgr_di`, before `pna_patchout`."""
+    for name in sorted(ATTACK_ORDER, key=len, reverse=True):
+        if label == name or label.startswith(name + "_"):
+            rest = label[len(name) + 1 :]
+            return ATTACK_ORDER.index(name), len(rest.split("_")) if rest else 0
+    return len(ATTACK_ORDER), 0
+
+
 def row_order(cells: pd.DataFrame) -> pd.Series:
-    """Sort key: source as first seen, the paper's attack order, then swept values ascending."""
+    """Sort key: source as first seen, the paper's attack order (each attack followed by its
+    runs with modifiers, fewest first), then swept values ascending."""
     sources = {s: i for i, s in enumerate(dict.fromkeys(cells.source))}
 
     def key(row: pd.Series) -> tuple:
-        rank = ATTACK_ORDER.index(row.attack) if row.attack in ATTACK_ORDER else len(ATTACK_ORDER)
         params = json.loads(row.params)
         return (
             sources[row.source],
-            rank,
+            *_attack_rank(row.attack),
             row.attack,
             tuple(_value_key(params[k]) for k in sorted(params)),
         )
