@@ -89,3 +89,39 @@ def test_png_writer_holds_at_most_max_pending_images(tmp_path: Path, monkeypatch
     assert torch.equal(
         read_image(tmp_path / "im07.png"), torch.full((3, 8, 8), 7, dtype=torch.uint8)
     )
+
+
+class YieldingLock:
+    """A lock that lets another thread run right after each release (what a thread switch at
+    that moment does): it exposes decisions taken across two critical sections."""
+
+    def __init__(self) -> None:
+        self.inner = threading.Lock()
+
+    def __enter__(self) -> None:
+        self.inner.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.inner.release()
+        time.sleep(0.002)
+
+
+def test_writers_finishing_together_still_record_what_they_saved(tmp_path: Path):
+    """Two PNGs saved at the same moment, nothing else in flight: both are in the manifest
+    as soon as the writers are idle, not only when the next group or close() comes."""
+    for trial in range(10):
+        d = tmp_path / str(trial)
+        d.mkdir()
+        manifest = Manifest(d / MANIFEST, {"x": 1})
+        manifest.start()
+        writer = crafting.PngWriter(d, manifest, workers=2, record_every=16)
+        writer.lock = YieldingLock()
+        for i in range(2):
+            writer.submit(f"im{i}", torch.full((3, 8, 8), i, dtype=torch.uint8))
+        deadline = time.monotonic() + 10
+        while writer.inflight and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with writer.lock:  # the last writer's critical section is over
+            assert writer.inflight == 0
+        assert set(Manifest.entries(d / MANIFEST)) == {"im0", "im1"}
+        writer.close()

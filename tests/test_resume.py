@@ -90,11 +90,14 @@ def test_resuming_with_other_settings_is_refused(make_cfg, tmp_path: Path):
         make_cfg("experiment=smoke", "data.n=2", "attack.steps=2", "targets=none"),
         output_dir=tmp_path,
     )
+    record_bytes = (tmp_path / "run.json").read_bytes()
     with pytest.raises(UserError, match="another configuration .*differs in: params"):
         run(
             make_cfg("experiment=smoke", "data.n=2", "attack.steps=3", "targets=none"),
             output_dir=tmp_path,
         )
+    # The refusal leaves the record of the images that are there untouched.
+    assert (tmp_path / "run.json").read_bytes() == record_bytes
     # Settings that cannot change an image (batch size, targets) resume fine.
     record = run(
         make_cfg("experiment=smoke", "data.n=2", "attack.steps=2", "batch_size=1"),
@@ -198,6 +201,38 @@ def test_non_rgb_images_are_refused_by_name(csv_set: Path, make_cfg, tmp_path: P
     assert not (tmp_path / "out").exists()
 
 
+def png_16bit_rgb(path: Path, width: int, height: int) -> None:
+    """A valid PNG with 16 bits per channel, written chunk by chunk (PIL cannot write one)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body)
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+    row = b"\x00" + b"\x12\x34\xab\xcd\xff\xff" * width  # filter 0, then RGB16 pixels
+    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(row * height))
+        + chunk(b"IEND", b"")
+    )
+
+
+def test_16_bit_pngs_are_refused_not_cut_to_8_bits(csv_set: Path, make_cfg, tmp_path: Path):
+    """PIL opens them as RGB and keeps each value's high byte."""
+    bad = csv_set / "ILSVRC2012_val_00000002.png"
+    png_16bit_rgb(bad, 64, 64)
+    assert Image.open(bad).mode == "RGB"
+    with pytest.raises(UserError, match="00000002.png has 16 bits per channel"):
+        read_image(bad)
+    cfg = make_cfg("experiment=smoke", "data=folder", f"data.root={csv_set}")
+    with pytest.raises(UserError, match="00000002.png has 16 bits per channel"):
+        run(cfg, output_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_jpeg_truncated_and_empty_folder(tmp_path: Path, make_cfg):
     root = tmp_path / "jpg"
     write_images(root, 3, ext=".jpg")
@@ -255,6 +290,35 @@ def test_full_disk_while_recording_in_the_manifest(tmp_path: Path, monkeypatch):
     monkeypatch.setattr(resume.os, "fsync", fsync)
     with pytest.raises(UserError, match="No space left on device.*re-run the same command"):
         manifest.add("a", b"png bytes")
+
+
+def test_a_manifest_left_empty_by_a_failed_first_write_resumes(tmp_path: Path):
+    from tgr_bench.resume import Manifest
+
+    (tmp_path / MANIFEST).write_bytes(b"")  # created, then the disk was full
+    manifest = Manifest(tmp_path / MANIFEST, {"x": 1})
+    manifest.start()
+    manifest.add("a", b"png a")
+    assert Manifest(tmp_path / MANIFEST, {"x": 1}).done == manifest.done == {
+        "a": Manifest.entries(tmp_path / MANIFEST)["a"]
+    }
+
+
+def test_a_line_cut_short_does_not_swallow_the_next_record(tmp_path: Path):
+    """Records appended after a cut line start on a line of their own: none is lost on disk."""
+    from tgr_bench.resume import Manifest
+
+    first = Manifest(tmp_path / MANIFEST, {"x": 1})
+    first.start()
+    first.add_many([("a", "1" * 64), ("b", "2" * 64)])
+    whole = (tmp_path / MANIFEST).read_bytes()
+    (tmp_path / MANIFEST).write_bytes(whole[:-20])  # the last record cut by a kill
+    resumed = Manifest(tmp_path / MANIFEST, {"x": 1})
+    assert set(resumed.done) == {"a"}  # b is crafted again
+    resumed.start()
+    resumed.add_many([("b", "2" * 64), ("c", "3" * 64)])
+    assert Manifest.entries(tmp_path / MANIFEST) == {"a": "1" * 64, "b": "2" * 64, "c": "3" * 64}
+    assert (tmp_path / MANIFEST).read_bytes().startswith(whole.split(b"\n")[0])
 
 
 def test_a_run_killed_after_its_last_png_resumes_with_nothing_left_to_attack(make_cfg, tmp_path):

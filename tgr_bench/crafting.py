@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import zlib
@@ -54,22 +55,29 @@ class PngWriter:
         self.record_every = record_every
         self.pending: list[Future[None]] = []
         self.inflight = 0  # submitted, not yet saved
-        self.written: list[tuple[str, bytes]] = []  # saved, not yet in the manifest
+        self.written: list[tuple[str, str]] = []  # (stem, sha256) saved, not yet recorded
 
     def _write(self, stem: str, image: torch.Tensor) -> None:
+        saved = False
         try:
             png = encode_png(image)
             # No fsync: resume re-checks every PNG against its manifest hash, so a file lost
             # to a crash is crafted again; the rename keeps a partial file from ever showing.
             atomic_write(self.images_dir / f"{stem}.png", png, durable=False)
+            sha = hashlib.sha256(png).hexdigest()
             with self.lock:
-                self.written.append((stem, png))
+                # Leaving and testing in one critical section: two writers finishing together
+                # must not each see the other still in flight and both skip the record.
+                self.inflight -= 1
+                saved = True
+                self.written.append((stem, sha))
                 # A group, or everything saved so far when nothing else is being written.
-                if len(self.written) >= self.record_every or self.inflight == 1:
+                if len(self.written) >= self.record_every or self.inflight == 0:
                     self._record()
         finally:
-            with self.lock:
-                self.inflight -= 1
+            if not saved:
+                with self.lock:
+                    self.inflight -= 1
             self.slots.release()
 
     def _record(self) -> None:
@@ -156,6 +164,7 @@ def craft(
                         [seeds[i] for i in idx],
                         ids=ids,
                     )
+                    saved, linf = quantize_with_linf(adv, clean, attack.eps_levels)
                 except torch.cuda.OutOfMemoryError:
                     if batch_size == 1:
                         raise UserError(
@@ -166,7 +175,6 @@ def craft(
                     torch.cuda.empty_cache()
                     log.warning("Out of GPU memory: crafting batch size lowered to %d", batch_size)
                     continue
-                saved, linf = quantize_with_linf(adv, clean, attack.eps_levels)
                 worst = max(worst, linf)
                 for i, img in zip(idx, saved.cpu(), strict=True):
                     writer.submit(data.stems[i], img)

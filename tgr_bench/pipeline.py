@@ -114,13 +114,11 @@ def prepare_source(
     return source, data
 
 
-def craft_images(
-    *, plan: Plan, record: RunRecord, source: LoadedModel, data: ImageSet, console: Console
-) -> AdvSet:
-    """Attack every image not yet saved; returns the saved set (resumed images included)."""
-    assert plan.attack is not None and plan.source_weights is not None
-    rt = plan.runtime
-    manifest = Manifest(
+def open_manifest(*, plan: Plan, data: ImageSet) -> Manifest:
+    """The run directory's manifest; refuses images crafted with other settings, before the
+    run's record is written over the one that describes them."""
+    assert plan.source_weights is not None
+    return Manifest(
         plan.out_dir / MANIFEST,
         {
             **plan.identity.content(),
@@ -128,6 +126,20 @@ def craft_images(
             "data_sha256": data.digest,
         },
     )
+
+
+def craft_images(
+    *,
+    plan: Plan,
+    record: RunRecord,
+    source: LoadedModel,
+    data: ImageSet,
+    manifest: Manifest,
+    console: Console,
+) -> AdvSet:
+    """Attack every image not yet saved; returns the saved set (resumed images included)."""
+    assert plan.attack is not None
+    rt = plan.runtime
     if plan.attack.targeted:
         write_targets(plan.out_dir, data, data.targets)
     with progress(console) as bars:
@@ -223,11 +235,18 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> RunRecord:
             source, data = prepare_source(plan=plan, record=record, attacking=attacking)
         record.data = _data_info(data)
         with run_lock(plan.out_dir):
+            manifest = open_manifest(plan=plan, data=data) if plan.crafting else None
             record.save(plan.out_dir)  # status "running": the settings are valid from here on
             try:
                 if plan.crafting:
+                    assert manifest is not None
                     own = craft_images(
-                        plan=plan, record=record, source=source, data=data, console=console
+                        plan=plan,
+                        record=record,
+                        source=source,
+                        data=data,
+                        manifest=manifest,
+                        console=console,
                     )
                     sets = [own]
                     attacking.close()  # leaves the source context: checks the fired counts

@@ -44,14 +44,25 @@ class FileInfo:
     sha256: str
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _check_mode(mode: str, data: bytes, path: Path) -> None:
+    """8-bit RGB only. PIL opens a 16-bit-per-channel PNG as mode RGB and keeps the high byte
+    of each value, so its IHDR bit depth (byte 24) is read here."""
+    sixteen = data.startswith(PNG_SIGNATURE) and len(data) > 24 and data[24] == 16
+    if mode != "RGB" or sixteen:
+        what = "16 bits per channel" if mode == "RGB" else f"mode {mode!r}"
+        raise UserError(
+            f"Image {path} has {what}; tgr-bench attacks 8-bit RGB images. Convert it (e.g. "
+            f"PIL: Image.open(p).convert('RGB').save(p), or to 8 bits with your image tool)."
+        )
+
+
 def _decode(data: bytes, path: Path) -> torch.Tensor:
     with Image.open(io.BytesIO(data)) as im:
         im.load()
-        if im.mode != "RGB":
-            raise UserError(
-                f"Image {path} has mode {im.mode!r}; tgr-bench attacks 8-bit RGB images. "
-                f"Convert it (e.g. PIL: Image.open(p).convert('RGB').save(p))."
-            )
+        _check_mode(im.mode, data, path)
         w, h = im.size
         pixels = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
     return pixels.view(h, w, 3).permute(2, 0, 1).contiguous()
@@ -84,11 +95,7 @@ def inspect_file(path: Path) -> FileInfo:
                     im.load()
     except Exception as e:
         raise UserError(f"Cannot read image {path}: {e}. Replace or remove the file.") from e
-    if mode != "RGB":
-        raise UserError(
-            f"Image {path} has mode {mode!r}; tgr-bench attacks 8-bit RGB images. "
-            f"Convert it (e.g. PIL: Image.open(p).convert('RGB').save(p))."
-        )
+    _check_mode(mode, data, path)
     return FileInfo((h, w), hashlib.sha256(data).hexdigest())
 
 
@@ -171,7 +178,8 @@ def batches(
     chunks = [list(idx[s : s + batch_size]) for s in range(0, len(idx), batch_size)]
     if not chunks:
         return
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as ahead:
+    ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
+    try:
         pending: list[Future[torch.Tensor]] = [
             ahead.submit(pixels.load, c) for c in chunks[: prefetch + 1]
         ]
@@ -180,5 +188,6 @@ def batches(
             if i + prefetch + 1 < len(chunks):
                 pending.append(ahead.submit(pixels.load, chunks[i + prefetch + 1]))
             yield chunk, images
-        for f in pending:
-            f.cancel()
+    finally:
+        # A caller that stops early (an error, Ctrl-C) does not wait for decodes it won't use.
+        ahead.shutdown(wait=True, cancel_futures=True)

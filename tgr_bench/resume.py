@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from tgr_bench.atomic import atomic_write
 from tgr_bench.errors import UserError
 from tgr_bench.record import IMAGES_DIR, LOCK, MANIFEST, RunRecord, digest
 
@@ -61,6 +62,7 @@ class Manifest:
         self.identity = identity
         self.digest = digest(identity)
         self.done: dict[str, str] = {}
+        self._has_header = False
         self._load()
 
     def _load(self) -> None:
@@ -73,7 +75,9 @@ class Manifest:
                 entries.append(json.loads(line))
             except ValueError:
                 continue  # a line cut short by a kill: that image is crafted again
-        header = entries[0] if entries and "identity" in entries[0] else None
+        if not entries:  # created, then the header write failed (disk full) or was killed
+            return
+        header = entries[0] if "identity" in entries[0] else None
         if header is None:
             raise UserError(f"{self.path} is not a tgr-bench manifest; move it or the directory.")
         if header["digest"] != self.digest:
@@ -89,6 +93,7 @@ class Manifest:
                 f"another directory with hydra.run.dir=..."
             )
         self.done = {e["stem"]: e["sha256"] for e in entries[1:] if "stem" in e and "sha256" in e}
+        self._has_header = True
 
     def verified(self, images_dir: Path, stems: list[str]) -> set[str]:
         """Stems whose PNG is listed and still has the listed hash."""
@@ -120,19 +125,32 @@ class Manifest:
             ) from e
 
     def start(self) -> None:
-        if not self.path.exists() or self.path.stat().st_size == 0:
-            self._append({"identity": self.identity, "digest": self.digest})
+        """Ready the file for appends: a header if it has none (replacing what a failed first
+        write left), and no partial last line, which the next record would otherwise join and
+        be lost with."""
+        if not self._has_header:
+            header = {"identity": self.identity, "digest": self.digest}
+            header = json.dumps(header, sort_keys=True, default=str)
+            atomic_write(self.path, (header + "\n").encode())
+            self._has_header = True
+            return
+        data = self.path.read_bytes()
+        if not data.endswith(b"\n"):
+            with open(self.path, "r+b") as f:
+                f.truncate(data.rfind(b"\n") + 1)
+                f.flush()
+                os.fsync(f.fileno())
 
     def add(self, stem: str, png: bytes) -> None:
-        self.add_many([(stem, png)])
+        self.add_many([(stem, hashlib.sha256(png).hexdigest())])
 
-    def add_many(self, saved: list[tuple[str, bytes]]) -> None:
-        """Record PNGs already in place, with one write and one flush to the disk."""
+    def add_many(self, saved: list[tuple[str, str]]) -> None:
+        """Record PNGs already in place, by (stem, sha256 of the file's bytes), with one write
+        and one flush to the disk."""
         lines = []
-        for stem, png in saved:
-            digest = hashlib.sha256(png).hexdigest()
-            lines.append({"stem": stem, "sha256": digest})
-            self.done[stem] = digest
+        for stem, sha in saved:
+            lines.append({"stem": stem, "sha256": sha})
+            self.done[stem] = sha
         self._append(*lines)
 
 

@@ -230,27 +230,33 @@ class RunsOutOfMemory(torch.nn.Module):
 
 @pytest.mark.parametrize("family,name", [("vit", "mi"), ("deit", "tgr")])
 def test_copies_split_in_halves_on_out_of_memory(family, name):
-    """SI's 4 copies of 2 images (8 inputs) on a device that holds 4: the pass is retried with
-    2 copies per image, the gradient equals the single pass, and the split is recorded. PatchOut's
-    L2 term is in the loss, so it must count once, not once per pass."""
+    """SI's 4 copies of one image on a device that holds 2 inputs: the pass is retried with
+    2 copies, the gradient equals the single pass, and the split is recorded. PatchOut's L2
+    term is in the loss, so it must count once, not once per pass. With several images the
+    error goes to the crafting loop, whose halving of the batch changes no image's result."""
     model = tiny(family)
     x, y = batch(2)
+    x, y = x[:1], y[:1]
     settings = {"si": {"m": 4}, "patchout": {"enabled": True, "l2": 0.5, "n_patches": 4}}
     whole, split = on(name, "si", **settings), on(name, "si", **settings)
     delta = 0.01 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
     with whole.source_context(model):
-        expected = whole.input_gradient(model, x, delta, y, 0, [0, 1])
-    small = RunsOutOfMemory(model, limit=4)
+        expected = whole.input_gradient(model, x, delta, y, 0, [0])
+    small = RunsOutOfMemory(model, limit=2)
     with split.source_context(model):
-        got = split.input_gradient(small, x, delta, y, 0, [0, 1])
-        again = split.input_gradient(small, x, delta, y, 1, [0, 1])
-    assert small.sizes == [8, 4, 4, 4, 4]  # one failed pass, then halves; the split is kept
+        got = split.input_gradient(small, x, delta, y, 0, [0])
+        again = split.input_gradient(small, x, delta, y, 1, [0])
+    assert small.sizes == [4, 2, 2, 2, 2]  # one failed pass, then halves; the split is kept
     assert split.copy_chunk == 2 and split.stats()["copies_per_pass"] == 2
     assert "copies_per_pass" not in whole.stats()
     assert torch.allclose(got, expected, atol=1e-6, rtol=1e-5)
     assert not torch.allclose(again, got)  # step 1: other PatchOut masks
     with pytest.raises(torch.cuda.OutOfMemoryError):  # one copy per pass is the floor
-        on(name, "si", **settings).input_gradient(RunsOutOfMemory(model, 1), x, delta, y, 0, [0, 1])
+        on(name, "si", **settings).input_gradient(RunsOutOfMemory(model, 0), x, delta, y, 0, [0])
+    two, (x2, y2) = RunsOutOfMemory(model, limit=4), batch(2)  # 2 images x 4 copies
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        on(name, "si", **settings).input_gradient(two, x2, torch.zeros_like(x2), y2, 0, [0, 1])
+    assert two.sizes == [8]  # not split here
 
 
 def test_admix_with_one_partner_and_one_scale_still_mixes():

@@ -250,9 +250,10 @@ class Attack:
                     return grad
                 return self._chunked_gradient(model, inputs, y, delta, chunk)
             except torch.cuda.OutOfMemoryError:
-                # Like the crafting batch: halve the copies per pass and retry; the images'
-                # draws are keyed per copy, so only the float summation order changes.
-                if chunk == 1:
+                # With several images, the crafting loop halves the batch, which changes no
+                # image's result. Only one image's copies that do not fit are split in halves:
+                # the draws are keyed per copy, but the float summation order changes.
+                if chunk == 1 or len(x) > 1:
                     raise
                 self.copy_chunk = max(1, min(chunk, c) // 2)
                 torch.cuda.empty_cache()

@@ -192,7 +192,11 @@ class GradientHookAttack(Attack):
 
     def perturb(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         self._attacked = True
-        return super().perturb(*args, **kwargs)
+        adv = super().perturb(*args, **kwargs)
+        # Host counters, no device sync: every batch proves the edits ran before its images
+        # are saved (a failure only at the end would leave images that a re-run resumes).
+        self.check()
+        return adv
 
     @contextlib.contextmanager
     def source_context(self, model: nn.Module) -> Iterator[None]:

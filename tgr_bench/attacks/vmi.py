@@ -87,7 +87,9 @@ class VMI(Attack):
                     total += grad.view(b, c, *x.shape[1:]).sum(1)
                 return total / n
             except torch.cuda.OutOfMemoryError:
-                if self.chunk == 1:
+                # As with the copies of SI and Admix (Attack.input_gradient): the crafting loop
+                # halves a batch of several images; one image's neighbours are split here.
+                if self.chunk == 1 or b > 1:
                     raise
                 self.chunk = max(1, self.chunk // 2)
                 torch.cuda.empty_cache()
