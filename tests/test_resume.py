@@ -178,7 +178,7 @@ def test_full_disk_while_saving_leaves_no_result(make_cfg, tmp_path: Path, monke
         return real(fd)
 
     monkeypatch.setattr(atomic.os, "fsync", fsync)
-    with pytest.raises(UserError, match="No space left on device"):
+    with pytest.raises(UserError, match="No space left on device.*Free disk space and re-run"):
         run(make_cfg("experiment=smoke", "data.n=6", "attack.steps=1"), output_dir=tmp_path)
     assert not (tmp_path / "results.csv").exists()
     failed = RunRecord.load(tmp_path)
@@ -290,6 +290,16 @@ def test_full_disk_while_recording_in_the_manifest(tmp_path: Path, monkeypatch):
     monkeypatch.setattr(resume.os, "fsync", fsync)
     with pytest.raises(UserError, match="No space left on device.*re-run the same command"):
         manifest.add("a", b"png bytes")
+
+
+def test_a_read_only_folder_is_named_with_its_fix(tmp_path: Path, monkeypatch):
+    def replace(src, dst):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    with pytest.raises(UserError, match="Read-only file system. The file system is read-only"):
+        atomic.atomic_write(tmp_path / "f", b"x")
+    assert list(tmp_path.iterdir()) == []  # no temporary file left behind
 
 
 def test_a_manifest_left_empty_by_a_failed_first_write_resumes(tmp_path: Path):

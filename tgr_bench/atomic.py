@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -25,9 +26,13 @@ def atomic_write(path: Path, data: bytes, durable: bool = True) -> None:
         os.replace(tmp, path)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
-        raise UserError(
-            f"Cannot write {path}: {e}. Free disk space or choose hydra.run.dir."
-        ) from e
+        fix = {
+            errno.ENOSPC: "Free disk space and re-run the same command (it resumes)",
+            errno.EDQUOT: "Free some of your disk quota and re-run the same command",
+            errno.EACCES: "Make the folder writable or choose another with hydra.run.dir=",
+            errno.EROFS: "The file system is read-only: choose another folder with hydra.run.dir=",
+        }.get(e.errno, "Check the folder, or choose another with hydra.run.dir=")
+        raise UserError(f"Cannot write {path}: {e}. {fix}.") from e
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
