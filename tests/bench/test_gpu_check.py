@@ -37,9 +37,12 @@ def test_quick_check_writes_every_section(tmp_path: Path):
     assert set(data["evaluation"]) == {"test_pit", "test_pit_near", "test_pit_far"}  # smoke
     assert data["evaluation"]["test_pit"]["fused_attention"] is True  # targets keep the kernel
     assert data["paper_workload"]["images"] == 1000
+    assert set(data["modifiers"]) == {"mi_di_ti", "tgr_di_ti"}
+    assert all(r["over_mi"] > 0 and r["images_per_s"] > 0 for r in data["modifiers"].values())
     for attack in ("tgr", "mi"):
         assert data["determinism"][attack]["identical"] is True
         assert data["determinism"][attack]["images"] == 2
     md = (out / "gpu_check.md").read_text()
-    for heading in ("## Crafting", "## TGR per source family", "## Evaluation", "## Determinism"):
+    headings = ("## Crafting", "## TGR per source family", "## Evaluation", "## Determinism")
+    for heading in (*headings, "## Transfer modifiers"):
         assert heading in md

@@ -41,6 +41,7 @@ from tgr_bench.record import IMAGES_DIR
 from tgr_bench.settings import AUTO_BATCH, AUTO_EVAL_BATCH, Runtime
 
 ATTACKS = ("mi", "vmi", "sgm", "pna", "tgr", "tgr_patchout")
+MODIFIED = ("mi_di_ti", "tgr_di_ti")  # the transfer modifiers' cost, fp32 only (after the rest)
 PRECISIONS = ("fp32", "tf32", "bf16")
 FAMILIES = ("vit", "deit", "pit", "cait", "visformer")
 GOALS = {
@@ -401,6 +402,15 @@ def run_check(profile: Profile, device: torch.device, out: Path, budget: float) 
             report.save()
     for precision in PRECISIONS[1:]:
         craft_precision(precision)
+    modifiers: dict[str, Any] = data.setdefault("modifiers", {})
+    mi32 = crafting.get("mi", {}).get("fp32")
+    for name in MODIFIED:
+        if within_budget(f"crafting {name} fp32"):
+            r = craft_case(profile, device, profile.main, name, "fp32", profile.batch)
+            r["over_mi"] = mi32["images_per_s"] / r["images_per_s"] if mi32 else None
+            modifiers[name] = r
+            print(f"craft {name:>12} fp32: {r['images_per_s']:9.2f} img/s", flush=True)
+            report.save()
     # The goals are about the paper's models on a GPU; tiny CPU numbers are not judged.
     data["goals"] = goals(data) if profile is FULL else {}
     Runtime(device=device).apply()  # leave the process in the exact default
@@ -474,6 +484,20 @@ def markdown(d: dict[str, Any]) -> str:
             f"| {key} | {r['images_per_s']:.1f} | {r['fused_attention']} | "
             f"{r['channels_last']} | {r['peak_memory_mb']:.0f} |"
         )
+    if d.get("modifiers"):
+        lines += [
+            "",
+            "## Transfer modifiers (fp32; cost = MI's images/s over the attack's)",
+            "",
+            "| attack | images/s | x MI | batch | peak MB |",
+            "|---|---|---|---|---|",
+        ]
+        for name, r in d["modifiers"].items():
+            over = "-" if r["over_mi"] is None else f"{r['over_mi']:.2f}"
+            lines.append(
+                f"| {name} | {r['images_per_s']:.2f} | {over} | {r['batch']} | "
+                f"{r['peak_memory_mb']:.0f} |"
+            )
     if "determinism" in d:
         lines += ["", "## Determinism (the same run twice, fresh processes)", ""]
         for name, r in d["determinism"].items():
