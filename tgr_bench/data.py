@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from tgr_bench.errors import UserError
+from tgr_bench.errors import UserError, flag
 from tgr_bench.pixels import FilePixels, Pixels, SyntheticPixels, inspect_files, read_image
 
 __all__ = ["DataSpec", "ImageSet", "load_dataset", "load_folder", "read_image", "synthetic"]
@@ -74,6 +74,8 @@ class DataSpec:
             raise UserError(f"data.shard={spec.shard!r}: need an int in 0..{spec.num_shards - 1}.")
         if not 0 <= spec.shard < spec.num_shards:
             raise UserError(f"data.shard={spec.shard!r}: need an int in 0..{spec.num_shards - 1}.")
+        flag("data.allow_unlabeled", spec.allow_unlabeled)
+        flag("data.only_present", spec.only_present)
         if spec.labels not in ("random", "source"):
             raise UserError(f"data.labels={spec.labels!r}: choose random or source.")
         if spec.kind == "folder" and not spec.root:

@@ -19,6 +19,13 @@ def whole(name: str, value: object, minimum: int = 1) -> int:
     return value
 
 
+def flag(name: str, value: object) -> bool:
+    """`value` as a bool, or a one-line error: a string such as "no" must never switch on."""
+    if not isinstance(value, bool):
+        raise UserError(f"{name}={value!r}: use true or false.")
+    return value
+
+
 class Terminated(BaseException):
     """SIGTERM (a scheduler's kill, `kill PID`), raised in the main thread like Ctrl-C's
     KeyboardInterrupt so that the same cleanup runs."""

@@ -228,7 +228,7 @@ class RunRecord:
             return None
         try:
             return cls.from_dict(json.loads(path.read_text()))
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise UserError(
                 f"{path} is not a tgr-bench run record ({type(e).__name__}: {e}). It was written "
                 f"by another version or edited; re-run the command that made it, or move it."

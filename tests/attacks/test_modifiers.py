@@ -352,6 +352,11 @@ def test_labels_name_every_active_modifier_in_a_fixed_order():
         ({"si": {"enabled": True, "space": "tf"}}, "space"),
         ({"admix": {"enabled": True, "eta": "x"}}, "not a number"),
         ({"di": {"enabled": True, "pp": 1}}, "has no keys"),
+        ({"di": {"enabled": True, "rate": 100}}, "in \\(0, 2\\]"),
+        ({"di": {"enabled": "no"}}, "attack.di.enabled='no': use true or false"),
+        ({"patchout": {"enabled": "off"}}, "attack.patchout.enabled='off': use true or false"),
+        ({"di": {"enabled": False, "p": 7}}, "probability"),  # checked even when off
+        ({"patchout": {"enabled": False, "mask": "x"}}, "attack.patchout.mask"),
     ],
 )
 def test_bad_modifier_settings(cfg, match):

@@ -36,6 +36,60 @@ def test_report_cli_writes_files(tmp_path: Path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def cut(path: Path, keep: float) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (lambda d: cut(d / "results.csv", 0.6), "has no rows for targets"),
+        (lambda d: (d / "results.csv").unlink(), "records a complete run but has no results.csv"),
+        (lambda d: (d / "results.csv").write_text(""), "results.csv cannot be read"),
+        (lambda d: (d / "results.csv").write_text("a,b\n1,2\n"), "lacks the columns"),
+        (lambda d: (d / "run.json").write_text("[1, 2, 3]"), "is not a tgr-bench run record"),
+    ],
+)
+def test_damaged_run_directories_are_named_never_half_reported(
+    tmp_path: Path, capsys, damage, message
+):
+    """A results.csv cut short must not become a table with cells missing."""
+    run = fake_run(
+        tmp_path / "runs", "a", identity("vit_base", "mi"), [ok("pit_b", 4), ok("inc_v3", 2)]
+    )
+    damage(run)
+    with pytest.raises(SystemExit) as e:
+        report([str(tmp_path / "runs"), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--groups", "vit"], "no target groups ['vit']; choose among vits, cnns, defended"),
+        (["--sweep", "zzz"], "no run in this table has the parameter 'zzz'"),
+        (["--out", "FILE"], "is a file; pass a folder"),
+        (["--bench", "MISSING"], "not a scripts/bench.py JSON result"),
+        (["--bench", "ODD"], "no 'crafting' section"),
+    ],
+)
+def test_bad_report_options_write_nothing(tmp_path: Path, capsys, args, message):
+    runs = tmp_path / "runs"
+    fake_run(runs, "a", identity("vit_base", "mi"), [ok("pit_b", 4)])
+    (tmp_path / "FILE").write_text("x")
+    (tmp_path / "ODD").write_text('{"a": 1}')
+    args = [str(tmp_path / a) if a in ("FILE", "MISSING", "ODD") else a for a in args]
+    out = ["--out", str(tmp_path / "out")] if "--out" not in args else []
+    with pytest.raises(SystemExit) as e:
+        report([str(runs), *args, *out])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_collision_is_a_clean_error(tmp_path: Path, capsys):
     fake_run(tmp_path, "a", identity("vit_base", "mi"), [ok("pit_b", 4)])
     fake_run(tmp_path, "b", identity("vit_base", "mi"), [ok("pit_b", 4)])

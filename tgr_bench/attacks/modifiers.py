@@ -20,21 +20,21 @@ import torch
 import torch.nn.functional as F
 
 from tgr_bench.attacks.draws import mix, randint, uniform
-from tgr_bench.errors import UserError, number, whole
+from tgr_bench.errors import UserError, flag, number, whole
 from tgr_bench.pixels import Pixels
 
 
 def _from_cfg(cls: type, name: str, cfg: dict[str, Any] | None) -> Any:
     cfg = dict(cfg or {})
-    if not cfg.pop("enabled", False):
-        return None
+    enabled = flag(f"attack.{name}.enabled", cfg.pop("enabled", False))
     valid = {f.name for f in fields(cls)}
     unknown = set(cfg) - valid
     if unknown:
         raise UserError(
             f"attack.{name} has no keys {sorted(unknown)}; valid: enabled, {', '.join(valid)}."
         )
-    return cls(**cfg)
+    modifier = cls(**cfg)  # checked even when off: a bad value must not wait to be switched on
+    return modifier if enabled else None
 
 
 @dataclass(frozen=True)
@@ -50,8 +50,11 @@ class DI:
     def __post_init__(self) -> None:
         if not 0 <= number("attack.di.p", self.p) <= 1:
             raise UserError(f"attack.di.p={self.p} is a probability: choose it in [0, 1].")
-        if number("attack.di.rate", self.rate) <= 0:
-            raise UserError(f"attack.di.rate={self.rate}: need a positive resize factor.")
+        if not 0 < number("attack.di.rate", self.rate) <= 2:
+            raise UserError(
+                f"attack.di.rate={self.rate}: choose a resize factor in (0, 2] (usually 1.1 to "
+                f"enlarge or 0.9 to shrink); the canvas grows with its square."
+            )
 
     @classmethod
     def from_cfg(cls, cfg: dict[str, Any] | None) -> DI | None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from tgr_bench.errors import UserError, number
+from tgr_bench.errors import UserError, flag, number
 
 MASK_MODES = ("per_image", "step")
 
@@ -23,8 +23,7 @@ class PatchOut:
     @classmethod
     def from_cfg(cls, cfg: dict[str, Any] | None) -> PatchOut | None:
         cfg = dict(cfg or {})
-        if not cfg.pop("enabled", False):
-            return None
+        enabled = flag("attack.patchout.enabled", cfg.pop("enabled", False))
         unknown = set(cfg) - set(cls.__dataclass_fields__)
         if unknown:
             raise UserError(
@@ -40,7 +39,7 @@ class PatchOut:
             raise UserError(f"attack.patchout.l2={p.l2}: need lambda >= 0.")
         if p.mask not in MASK_MODES:
             raise UserError(f"attack.patchout.mask={p.mask!r}: choose one of {list(MASK_MODES)}.")
-        return p
+        return p if enabled else None  # checked even when off, like the other modifiers
 
     def params(self) -> dict[str, Any]:
         return {

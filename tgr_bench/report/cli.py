@@ -22,7 +22,7 @@ from tgr_bench.atomic import atomic_write
 from tgr_bench.errors import UserError
 from tgr_bench.report.cells import collect
 from tgr_bench.report.plots import plot_components, plot_sweep
-from tgr_bench.report.tables import paper_table, targeted_metric, write_tables
+from tgr_bench.report.tables import GROUP_TITLES, paper_table, targeted_metric, write_tables
 from tgr_bench.report.writers import print_table, to_markdown
 
 
@@ -30,7 +30,15 @@ def bench_markdown(files: list[Path]) -> str:
     """One line per scripts/bench.py result: crafting images/s per attack, tgr/mi, evaluation."""
     rows = []
     for f in files:
-        b = json.loads(f.read_text())
+        try:
+            b = json.loads(f.read_text())
+            if not isinstance(b, dict) or not isinstance(b.get("crafting"), dict):
+                raise ValueError("no 'crafting' section")
+        except (OSError, ValueError) as e:
+            raise UserError(
+                f"--bench {f}: not a scripts/bench.py JSON result ({e}). Pass the file that "
+                f"`python scripts/bench.py ... --json FILE` wrote."
+            ) from None
         craft = ", ".join(f"{a} {v['images_per_s']:.2f}" for a, v in b["crafting"].items())
         ev = ", ".join(f"{t} {v['images_per_s']:.1f}" for t, v in b.get("evaluation", {}).items())
         rows.append(
@@ -67,7 +75,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sweep", metavar="PARAM", help="also plot the success rate against PARAM")
     p.add_argument("--components", action="store_true", help="also plot the component ablation")
     args = p.parse_args(argv)
+    try:
+        report(args, p)
+    except UserError as e:
+        print(f"tgr-bench-report: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Every input checked before anything is written: no output folder holds half a report."""
     console = Console()
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        raise UserError(f"--out {args.out} is a file; pass a folder (it is created if missing).")
     if args.bench:
         text = bench_markdown(args.bench)
         console.print(text)
@@ -76,17 +95,24 @@ def main(argv: list[str] | None = None) -> None:
         if not args.paths:
             return
     if not args.paths:
-        p.error("give run directories, or --bench files")
-    try:
-        cells = collect(args.paths, note=lambda line: console.print(line, highlight=False))
-        if args.groups:
-            keep = set(args.groups.split(",")) | {"other"}
-            cells = cells[cells.group.isin(keep) | (cells.target == "-")]
-        metric, title = targeted_metric(cells, args.metric)
-        table = paper_table(cells, metric)
-    except UserError as e:
-        print(f"tgr-bench-report: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        parser.error("give run directories, or --bench files")
+    cells = collect(args.paths, note=lambda line: console.print(line, highlight=False))
+    if args.groups:
+        asked = set(args.groups.split(","))
+        unknown = sorted(asked - set(GROUP_TITLES))
+        if unknown:
+            raise UserError(
+                f"--groups {args.groups}: no target groups {unknown}; choose among "
+                f"{', '.join(g for g in GROUP_TITLES if g != 'other')}."
+            )
+        cells = cells[cells.group.isin(asked | {"other"}) | (cells.target == "-")]
+    if args.sweep and not cells.params.map(lambda p: args.sweep in json.loads(p)).any():
+        raise UserError(
+            f"--sweep {args.sweep}: no run in this table has the parameter {args.sweep!r}; the "
+            f"runs' parameters are {sorted({k for p in cells.params for k in json.loads(p)})}."
+        )
+    metric, title = targeted_metric(cells, args.metric)
+    table = paper_table(cells, metric)
     print_table(table.drop(columns=["run_dirs"]), f"{title}, * = white-box", console)
     if args.out:
         write_tables(cells, table, args.out, args.name, title)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from tgr_bench.errors import UserError
+from tgr_bench.metrics import COUNTS
 from tgr_bench.record import RESULTS_CSV, RUN_JSON, TEXT_COLUMNS, RunRecord
 
 
@@ -50,10 +51,35 @@ def load_runs(paths: list[str | Path], note: Callable[[str], None]) -> list[Load
                 f"valid){where}"
             )
             continue
-        results = None
-        if record.complete and (path / RESULTS_CSV).is_file():
-            results = pd.read_csv(path / RESULTS_CSV, dtype=TEXT_COLUMNS)
+        results = read_results(path, record) if record.complete else None
         runs.append(LoadedRun(path, record, results))
     if not runs:
         raise UserError(f"No run records (run.json) under {[str(p) for p in paths]}.")
     return runs
+
+
+def read_results(path: Path, record: RunRecord) -> pd.DataFrame:
+    """results.csv of a complete run, with a row for every (adversarial set, target) its record
+    lists: a file cut short or edited is an error naming it, never a table with cells missing."""
+    csv = path / RESULTS_CSV
+    redo = "Re-run the command that made it (it evaluates again), or leave the directory out."
+    try:
+        results = pd.read_csv(csv, dtype=TEXT_COLUMNS)
+    except FileNotFoundError:
+        raise UserError(f"{path} records a complete run but has no {RESULTS_CSV}. {redo}") from None
+    except (ValueError, UnicodeDecodeError) as e:  # pandas' empty and parser errors included
+        raise UserError(f"{csv} cannot be read ({e}). {redo}") from e
+    # What the cells are built from; columns added later (n_target_hit) may be absent.
+    needed = ["run_id", "target", "status", *(c for c in COUNTS if c != "n_target_hit")]
+    missing = [c for c in needed if c not in results.columns]
+    if missing:
+        raise UserError(f"{csv} lacks the columns {missing}. {redo}")
+    expected = {(s.run_id, t) for s in record.sets for t in record.target_keys}
+    lost = expected - set(zip(results.run_id.astype(str), results.target, strict=True))
+    if lost:
+        targets = sorted({t for _, t in lost})
+        raise UserError(
+            f"{csv} has no rows for targets {targets} that its run.json lists (a file cut short "
+            f"or edited?). {redo}"
+        )
+    return results
