@@ -203,3 +203,31 @@ def test_admix_needs_a_second_image(make_cfg, tmp_path: Path):
                      "attack.admix.enabled=true"),
             tmp_path / "plan",
         )  # fmt: skip
+
+
+def _rewrite_labels(root: Path, text: bytes) -> None:
+    (root / "labels.csv").write_bytes(text)
+
+
+def test_spreadsheet_labels_with_a_byte_order_mark_and_spaces_are_read(csv_set: Path):
+    plain = load_folder(csv_set)
+    rows = (csv_set / "labels.csv").read_text().splitlines()
+    body = "\n".join(["filename, label", *rows[1:]]) + "\n"
+    _rewrite_labels(csv_set, b"\xef\xbb\xbf" + body.encode())
+    assert load_folder(csv_set).labels.tolist() == plain.labels.tolist()
+
+
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        (b"\xf8\x00\xff garbage", "is not UTF-8 text"),
+        (
+            b"filename,label\nILSVRC2012_val_00000001.png,1\nILSVRC2012_val_00000001.png,2\n",
+            "lists ILSVRC2012_val_00000001.png twice, with labels 1 and 2",
+        ),
+    ],
+)
+def test_labels_that_cannot_be_trusted_are_refused(csv_set: Path, text: bytes, match: str):
+    _rewrite_labels(csv_set, text)
+    with pytest.raises(UserError, match=match):
+        load_folder(csv_set)

@@ -154,6 +154,7 @@ def test_bad_shard_settings(make_cfg, tmp_path: Path):
     for overrides, match in (
         (["data.num_shards=0"], "num_shards"),
         (["data.num_shards=2", "data.shard=2"], "shard"),
+        (["data.n=4", "data.num_shards=8", "data.shard=6"], "holds no images: use at most 4"),
     ):
         with pytest.raises(UserError, match=match):
             run(make_cfg("experiment=smoke", *overrides), output_dir=tmp_path / "x")

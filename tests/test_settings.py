@@ -40,3 +40,27 @@ def test_batch_size_auto(make_cfg, tmp_path):
         output_dir=tmp_path,
     )
     assert record.crafting.batch_size == 16  # CPU: fixed start, halved only on GPU OOM
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("seed=99999999999999999999999", "need a whole number in 0..2\\^63-1"),
+        ("seed=-1", "need a whole number in 0..2\\^63-1"),
+        ("cache_dir=FILE", "is a file; pass a folder"),
+    ],
+)
+def test_runtime_and_data_switches_are_checked_before_any_work(make_cfg, tmp_path, override, match):
+    (tmp_path / "FILE").write_text("x")
+    override = override.replace("FILE", str(tmp_path / "FILE"))
+    with pytest.raises(UserError, match=match):
+        run(make_cfg("experiment=smoke", override), output_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("key", ["allow_unlabeled", "only_present"])
+def test_data_switches_take_true_or_false_only(key):
+    from tgr_bench.data import DataSpec
+
+    with pytest.raises(UserError, match=f"data.{key}='no': use true or false"):
+        DataSpec.from_cfg({"kind": "folder", "root": "/data", key: "no"})

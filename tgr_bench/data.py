@@ -263,29 +263,49 @@ def detect_layout(root: Path) -> tuple[str, Path, Path]:
     )
 
 
+def _csv_rows(label_file: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """(header, rows) of labels.csv. Spreadsheets' byte-order mark and spaces around header
+    names are accepted; a file that is not text is an error naming it."""
+    try:
+        with open(label_file, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            header = [h.strip() for h in next(reader, [])]
+            rows = [dict(zip(header, row, strict=False)) for row in reader if row]
+    except UnicodeDecodeError as e:
+        raise UserError(
+            f"{label_file} is not UTF-8 text ({e.reason} at byte {e.start}). Save it as a "
+            f"UTF-8 CSV with the header filename,label."
+        ) from None
+    return header, rows
+
+
 def _read_target_column(label_file: Path) -> dict[str, str]:
     """The optional `target` column of labels.csv, raw (stem -> cell): checked only by a
     targeted run that uses it, so an untargeted run never depends on it."""
-    with open(label_file, newline="") as f:
-        reader = csv.DictReader(f)
-        if "target" not in (reader.fieldnames or []):
-            return {}
-        return {Path((row["filename"] or "").strip()).stem: row["target"] or "" for row in reader}
+    header, rows = _csv_rows(label_file)
+    if "target" not in header:
+        return {}
+    return {Path((r.get("filename") or "").strip()).stem: r.get("target") or "" for r in rows}
 
 
 def _read_labels(layout: str, label_file: Path) -> dict[str, int]:
     labels: dict[str, int] = {}
     if layout == "csv":
-        with open(label_file, newline="") as f:
-            reader = csv.DictReader(f)
-            if not reader.fieldnames or not {"filename", "label"} <= set(reader.fieldnames):
+        header, rows = _csv_rows(label_file)
+        if not {"filename", "label"} <= set(header):
+            raise UserError(
+                f"{label_file} needs a header with columns filename,label (got {header})."
+            )
+        for row in rows:
+            name = (row.get("filename") or "").strip()
+            label = _check_label(row.get("label"), f"{name} in {label_file}")
+            stem = Path(name).stem
+            if labels.get(stem, label) != label:
                 raise UserError(
-                    f"{label_file} needs a header with columns filename,label (got "
-                    f"{reader.fieldnames})."
+                    f"{label_file} lists {name} twice, with labels {labels[stem]} and {label}. "
+                    f"Keep the right row."
                 )
-            for row in reader:
-                name = (row["filename"] or "").strip()
-                labels[Path(name).stem] = _check_label(row["label"], f"{name} in {label_file}")
+            labels[stem] = label
     else:
         try:
             table = json.loads(label_file.read_text())
@@ -347,7 +367,10 @@ def load_folder(
         stems = stems[: int(limit)]
     stems = [stems[i] for i in shard_indices(len(stems), num_shards, shard)]
     if not stems:
-        raise UserError(f"Shard {shard}/{num_shards} of {folder} holds no images.")
+        raise UserError(
+            f"Shard {shard}/{num_shards} of {folder} holds no images: use at most "
+            f"{min(len(listing), limit or len(listing))} shards."
+        )
     paths = [images[s] for s in stems]
     infos = inspect_files(paths)
     sizes = {info.size for info in infos}
@@ -402,6 +425,11 @@ def load_dataset(spec: DataSpec) -> ImageSet:
         if spec.num_shards == 1:
             return full
         idx = shard_indices(len(full), spec.num_shards, spec.shard)
+        if not idx:
+            raise UserError(
+                f"Shard {spec.shard}/{spec.num_shards} of the {len(full)} synthetic images holds "
+                f"no images: use at most {len(full)} shards."
+            )
         return full.subset(idx, f"{spec.shard}/{spec.num_shards}")
     return load_folder(spec.root, spec.limit, spec.num_shards, spec.shard, spec.allow_unlabeled)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -57,8 +58,14 @@ class Runtime:
         if precision not in PRECISIONS:
             raise UserError(f"precision={precision!r}: choose one of {list(PRECISIONS)}.")
         seed = cfg.get("seed", 0)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise UserError(f"seed={seed!r}: need a whole number.")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+            raise UserError(f"seed={seed!r}: need a whole number in 0..2^63-1.")
+        cache_dir = cfg.get("cache_dir")
+        if cache_dir is not None and Path(str(cache_dir)).expanduser().is_file():
+            raise UserError(
+                f"cache_dir={cache_dir} is a file; pass a folder for the clean-prediction cache "
+                f"(it is created if missing), or cache_dir=null for none."
+            )
         return cls(
             device=device,
             precision=precision,
