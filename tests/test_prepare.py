@@ -58,6 +58,35 @@ def test_build_is_deterministic_and_checks_out(tmp_path: Path, capsys):
     assert "ok" in capsys.readouterr().out
 
 
+def test_build_refuses_bad_input_and_leaves_no_partial_set(tmp_path: Path, capsys):
+    val = raw_val(tmp_path / "val", classes=3, per_class=2)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    rows = ["filename,label"]
+    for i, path in enumerate(sorted(val.rglob("*.JPEG"))):
+        (flat / path.name).write_bytes(path.read_bytes())
+        rows.append(f"{path.name},{i % 3}")
+    (flat / "labels.csv").write_text("\n".join(rows) + "\n")
+    last = sorted(flat.glob("*.JPEG"))[-1]
+    last.write_bytes(last.read_bytes()[:300])  # truncated: decoded only after others are written
+
+    def fails(*args: str) -> str:
+        with pytest.raises(SystemExit) as e:
+            prepare(["build", "--val", str(flat), "--labels", str(flat / "labels.csv"), *args])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        return err
+
+    assert "--per-class 0: need a whole number of images >= 1" in fails(
+        "--out", str(tmp_path / "zero"), "--per-class", "0"
+    )
+    assert f"Cannot read image {last}" in fails("--out", str(tmp_path / "cut"), "--per-class", "2")
+    assert not list((tmp_path / "cut").glob("*.png"))  # the 5 written before it are removed
+    (flat / "labels.csv").write_text("filename,label\n" + rows[1].split(",")[0] + ",cat\n")
+    assert "Label 'cat' for" in fails("--out", str(tmp_path / "bad"))
+
+
 def test_resize_and_crop_follow_the_protocol(tmp_path: Path):
     from tgr_bench.prepare import resize_crop
 

@@ -165,7 +165,7 @@ class ImageSet:
         where = f"{CSV_LABELS} of {self.root}"
         return torch.tensor(
             [
-                _check_label(v, f"the target of {stem} in {where}")
+                check_label(v, f"the target of {stem} in {where}")
                 for stem, v in zip(self.stems, self.target_column, strict=True)
             ],
             dtype=torch.int64,
@@ -230,7 +230,7 @@ def _images_by_stem(folder: Path) -> dict[str, Path]:
     return found
 
 
-def _check_label(value: Any, where: str) -> int:
+def check_label(value: Any, where: str) -> int:
     try:
         label = int(str(value).strip())
     except ValueError:
@@ -263,7 +263,7 @@ def detect_layout(root: Path) -> tuple[str, Path, Path]:
     )
 
 
-def _csv_rows(label_file: Path) -> tuple[list[str], list[dict[str, str]]]:
+def csv_rows(label_file: Path) -> tuple[list[str], list[dict[str, str]]]:
     """(header, rows) of labels.csv. Spreadsheets' byte-order mark and spaces around header
     names are accepted; a file that is not text is an error naming it."""
     try:
@@ -282,7 +282,7 @@ def _csv_rows(label_file: Path) -> tuple[list[str], list[dict[str, str]]]:
 def _read_target_column(label_file: Path) -> dict[str, str]:
     """The optional `target` column of labels.csv, raw (stem -> cell): checked only by a
     targeted run that uses it, so an untargeted run never depends on it."""
-    header, rows = _csv_rows(label_file)
+    header, rows = csv_rows(label_file)
     if "target" not in header:
         return {}
     return {Path((r.get("filename") or "").strip()).stem: r.get("target") or "" for r in rows}
@@ -291,14 +291,14 @@ def _read_target_column(label_file: Path) -> dict[str, str]:
 def _read_labels(layout: str, label_file: Path) -> dict[str, int]:
     labels: dict[str, int] = {}
     if layout == "csv":
-        header, rows = _csv_rows(label_file)
+        header, rows = csv_rows(label_file)
         if not {"filename", "label"} <= set(header):
             raise UserError(
                 f"{label_file} needs a header with columns filename,label (got {header})."
             )
         for row in rows:
             name = (row.get("filename") or "").strip()
-            label = _check_label(row.get("label"), f"{name} in {label_file}")
+            label = check_label(row.get("label"), f"{name} in {label_file}")
             stem = Path(name).stem
             if labels.get(stem, label) != label:
                 raise UserError(
@@ -313,7 +313,7 @@ def _read_labels(layout: str, label_file: Path) -> dict[str, int]:
             raise UserError(f"Cannot parse {label_file}: {e}") from e
         for name, entry in table.items():
             value = entry.get("class_id") if isinstance(entry, dict) else entry
-            labels[Path(name).stem] = _check_label(value, f"{name} in {label_file}")
+            labels[Path(name).stem] = check_label(value, f"{name} in {label_file}")
     return labels
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from PIL import Image
 
 from tgr_bench.atomic import atomic_write
-from tgr_bench.data import IMAGE_EXTENSIONS, load_folder
+from tgr_bench.data import IMAGE_EXTENSIONS, check_label, csv_rows, load_folder
 from tgr_bench.errors import UserError
 from tgr_bench.pixels import batches
 
@@ -50,39 +50,63 @@ def _raw_index(val: Path, labels: Path | None) -> dict[int, list[Path]]:
         return by_class
     if labels is None:
         raise UserError(f"{val} has no synset sub-folders: pass --labels filename,label CSV.")
-    with open(labels, newline="") as f:
-        for row in csv.DictReader(f):
-            by_class.setdefault(int(row["label"]), []).append(val / row["filename"].strip())
+    if not labels.is_file():
+        raise UserError(f"--labels {labels} does not exist.")
+    header, rows = csv_rows(labels)
+    if not {"filename", "label"} <= set(header):
+        raise UserError(f"{labels} needs a header with columns filename,label (got {header}).")
+    for row in rows:
+        name = (row.get("filename") or "").strip()
+        label = check_label(row.get("label"), f"{name} in {labels}")
+        by_class.setdefault(label, []).append(val / name)
     return {k: sorted(v) for k, v in by_class.items()}
 
 
 def resize_crop(path: Path) -> Image.Image:
     """Short side 256 (bicubic), then the center 224x224, as torchvision's Resize+CenterCrop."""
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        w, h = im.size
-        if w <= h:
-            size = (SHORT_SIDE, int(SHORT_SIDE * h / w))
-        else:
-            size = (int(SHORT_SIDE * w / h), SHORT_SIDE)
-        im = im.resize(size, Image.BICUBIC)
-        left = int(round((size[0] - CROP) / 2.0))
-        top = int(round((size[1] - CROP) / 2.0))
-        return im.crop((left, top, left + CROP, top + CROP))
+    try:
+        with Image.open(path) as im:
+            return _resize_crop(im.convert("RGB"))
+    except OSError as e:  # missing, truncated or not an image
+        raise UserError(f"Cannot read image {path}: {e}. Replace or remove the file.") from e
+
+
+def _resize_crop(im: Image.Image) -> Image.Image:
+    w, h = im.size
+    if w <= h:
+        size = (SHORT_SIDE, int(SHORT_SIDE * h / w))
+    else:
+        size = (int(SHORT_SIDE * w / h), SHORT_SIDE)
+    im = im.resize(size, Image.BICUBIC)
+    left = int(round((size[0] - CROP) / 2.0))
+    top = int(round((size[1] - CROP) / 2.0))
+    return im.crop((left, top, left + CROP, top + CROP))
 
 
 def build(val: Path, out: Path, labels: Path | None, per_class: int, seed: int) -> int:
+    if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
+        raise UserError(f"--per-class {per_class}: need a whole number of images >= 1.")
     by_class = _raw_index(val, labels)
     rows = []
+    chosen = []
     for label in sorted(by_class):
         files = by_class[label]
         if len(files) < per_class:
             raise UserError(f"Class {label} has {len(files)} images, fewer than {per_class}.")
-        for path in sorted(random.Random(f"{seed}:{label}").sample(files, per_class)):
+        picked = sorted(random.Random(f"{seed}:{label}").sample(files, per_class))
+        chosen += [(path, label) for path in picked]
+    written: list[Path] = []
+    try:  # a failure leaves no part of the set behind (it would look like a smaller set)
+        for path, label in chosen:
             buf = io.BytesIO()
             resize_crop(path).save(buf, format="PNG")
             atomic_write(out / f"{path.stem}.png", buf.getvalue())
+            written.append(out / f"{path.stem}.png")
             rows.append((f"{path.stem}.png", label))
+    except BaseException:
+        for w in written:
+            w.unlink(missing_ok=True)
+        raise
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(["filename", "label"])
