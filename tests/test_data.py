@@ -231,3 +231,11 @@ def test_labels_that_cannot_be_trusted_are_refused(csv_set: Path, text: bytes, m
     _rewrite_labels(csv_set, text)
     with pytest.raises(UserError, match=match):
         load_folder(csv_set)
+
+
+def test_an_empty_image_and_a_file_as_data_root_are_named(csv_set: Path):
+    (csv_set / "ILSVRC2012_val_00000003.png").write_bytes(b"")
+    with pytest.raises(UserError, match="00000003.png is empty \\(0 bytes\\)"):
+        load_folder(csv_set)
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        load_folder(csv_set / "labels.csv")

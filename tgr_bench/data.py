@@ -242,6 +242,11 @@ def check_label(value: Any, where: str) -> int:
 
 def detect_layout(root: Path) -> tuple[str, Path, Path]:
     """(layout, image folder, label file) for a data root."""
+    if root.exists() and not root.is_dir():
+        raise UserError(
+            f"data.root={root} is a file, not a folder: pass the folder that holds the clean "
+            f"images and {CSV_LABELS} (or {JSON_LABELS})."
+        )
     if not root.is_dir():
         raise UserError(
             f"Data folder {root} does not exist. Pass data.root=<folder> holding the clean images "

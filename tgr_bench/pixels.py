@@ -59,7 +59,13 @@ def _check_mode(mode: str, data: bytes, path: Path) -> None:
         )
 
 
+def _not_empty(data: bytes, path: Path) -> None:
+    if not data:
+        raise UserError(f"Image {path} is empty (0 bytes). Replace or remove the file.")
+
+
 def _decode(data: bytes, path: Path) -> torch.Tensor:
+    _not_empty(data, path)
     with Image.open(io.BytesIO(data)) as im:
         im.load()
         _check_mode(im.mode, data, path)
@@ -86,6 +92,10 @@ def inspect_file(path: Path) -> FileInfo:
     resumed and merged runs compare)."""
     try:
         data = Path(path).read_bytes()
+    except OSError as e:
+        raise UserError(f"Cannot read image {path}: {e}. Replace or remove the file.") from e
+    _not_empty(data, Path(path))
+    try:
         with Image.open(io.BytesIO(data)) as im:
             mode, (w, h), fmt = im.mode, im.size, im.format
             if mode == "RGB":
