@@ -269,3 +269,40 @@ def test_evaluating_the_images_a_folder_has(tmp_path: Path):
     assert r.returncode == 0, r.stderr
     named = [p.name for p in (tmp_path / "outputs" / "eval").iterdir()]
     assert any(n.startswith("test_pit-mi-") for n in named), named
+
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["adv_dir=/x", "attack.eps=4"], "attack.eps=4: adv_dir= evaluates images that exist"),
+        (["hydra.run.dir=FILE/run"], "FILE is a file; choose a folder"),
+        (["-m", "hydra.sweep.dir=FILE"], "FILE is a file; choose a folder"),
+    ],
+)
+def test_settings_that_would_be_ignored_or_crash_hydra_are_refused(tmp_path: Path, argv, match):
+    from tgr_bench.cli import check_overrides
+    from tgr_bench.errors import UserError
+
+    (tmp_path / "FILE").write_text("x")
+    argv = [a.replace("FILE", str(tmp_path / "FILE")) for a in argv]
+    with pytest.raises(UserError, match=match.replace("FILE", str(tmp_path / "FILE"))):
+        check_overrides(argv)
+
+
+@pytest.mark.parametrize(
+    "override,says",
+    [
+        ("attack_overrides.mi.step=1", "Did you mean attack_overrides.mi.steps"),
+        ("attack.eps=4", "each set as attack_overrides.<name>.<key>=value"),
+    ],
+)
+def test_variance_typos_and_plain_attack_keys(tmp_path: Path, override: str, says: str):
+    exe = Path(sys.executable).with_name("tgr-bench-variance")
+    r = sh([str(exe), "experiment=smoke", "attacks=[mi]", override], cwd=tmp_path)
+    assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_list_refuses_unknown_arguments(tmp_path: Path):
+    r = sh([str(Path(sys.executable).with_name("tgr-bench-list")), "--bogus"], cwd=tmp_path)
+    assert r.returncode == 2 and "unrecognized arguments: --bogus" in r.stderr

@@ -14,6 +14,7 @@ import re
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -93,7 +94,8 @@ def _main(cfg: DictConfig) -> None:
 
 
 # ---- the command line, before Hydra ------------------------------------------------------------
-def _overrides(argv: Sequence[str]) -> list[str]:
+def overrides_of(argv: Sequence[str]) -> list[str]:
+    """The `key=value` overrides of a command line (not flags, not their values)."""
     out, skip = [], False
     for arg in argv:
         if skip:
@@ -110,20 +112,43 @@ def _closest(word: str, options: Sequence[str]) -> str:
     return f"Did you mean {' or '.join(near)}? " if near else ""
 
 
-def check_overrides(argv: Sequence[str]) -> None:
+def _check_output_dir(key: str, value: str) -> None:
+    """hydra.run.dir / hydra.sweep.dir inside a file: Hydra would fail with a traceback."""
+    path = Path(value).expanduser()
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise UserError(f"{key}={value}: {p} is a file; choose a folder for the run.")
+            return
+
+
+def check_overrides(
+    argv: Sequence[str], config_name: str = "config", groups_of: Sequence[str] = GROUPS
+) -> None:
     """Unknown options of a config group and unknown keys, with the closest known names; the
-    checks Hydra answers with a traceback, or with a wrong fix (`+attack.kk=`)."""
+    checks Hydra answers with a traceback, or with a wrong fix (`+attack.kk=`). Attack settings
+    given with adv_dir= are refused: an evaluation of existing images would ignore them."""
     from hydra import compose, initialize_config_module
 
     from tgr_bench.catalogue import CONFIG_MODULE, choices
 
     groups: list[str] = []
     keys: list[tuple[str, str]] = []
-    for arg in _overrides(argv):
+    overrides = overrides_of(argv)
+    if any(o.startswith("adv_dir=") for o in overrides):
+        attack = [o for o in overrides if o.partition("=")[0].split(".")[0] == "attack"]
+        if attack:
+            raise UserError(
+                f"{' '.join(attack)}: adv_dir= evaluates images that exist, so attack settings "
+                f"do not apply (the folders' run records say how they were crafted). Drop them."
+            )
+    for arg in overrides:
         key, _, value = arg.partition("=")
+        if key in ("hydra.run.dir", "hydra.sweep.dir"):
+            _check_output_dir(key, value)
         if key.startswith(("+", "~", "hydra")) or "/" in key:
             continue  # additions, deletions and Hydra's own settings are Hydra's business
-        if key in GROUPS:
+        if key in groups_of:
             known = choices(key)
             for option in re.split(r",(?![^\[]*\])", value):
                 option = option.strip()
@@ -138,7 +163,7 @@ def check_overrides(argv: Sequence[str]) -> None:
     if not keys:
         return
     with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
-        cfg = compose("config", overrides=groups)
+        cfg = compose(config_name, overrides=groups)
     for key, arg in keys:
         parent, _, leaf = key.rpartition(".")
         node = OmegaConf.select(cfg, parent) if parent else cfg
@@ -148,7 +173,7 @@ def check_overrides(argv: Sequence[str]) -> None:
         where = f"{parent}." if parent else ""
         near = difflib.get_close_matches(leaf, siblings, n=3, cutoff=0.5)
         hint = f"Did you mean {' or '.join(where + n for n in near)}? " if near else ""
-        if parent in GROUPS and not near:
+        if parent in groups_of and parent == "attack" and not near:
             hint = _other_options(parent, leaf, groups)
         raise UserError(
             f"{arg}: there is no key {key}. {hint}The keys of {parent or 'the config'} are: "
@@ -179,7 +204,7 @@ def with_sweep_dir(argv: list[str]) -> list[str]:
     change no image (device, batch sizes, caches, tf2torch_dir) do not move it."""
     if not {"-m", "--multirun"} & set(argv):
         return argv
-    overrides = _overrides(argv)
+    overrides = overrides_of(argv)
     if any(o.startswith("hydra.sweep.dir=") for o in overrides):
         return argv
     kept = sorted(

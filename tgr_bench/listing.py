@@ -3,6 +3,8 @@ targeted options every attack takes, and the model keys."""
 
 from __future__ import annotations
 
+import argparse
+
 from hydra import compose, initialize_config_module
 from rich.console import Console
 from rich.table import Table
@@ -22,7 +24,11 @@ PAPERS = {
 }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(
+        prog="tgr-bench-list",
+        description="Every attack with its defaults and paper, the modifiers, and every model key.",
+    ).parse_args(argv)  # no options: anything else is an error, not silently ignored
     console = Console()
     attacks = Table(title="attacks (attack=<name>)", show_lines=True)
     for col in ("attack", "reference", "defaults"):

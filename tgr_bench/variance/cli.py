@@ -49,6 +49,22 @@ def _main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    from tgr_bench.cli import check_overrides, overrides_of
+
+    try:
+        if not {"--help", "-h", "--hydra-help", "--info", "--cfg", "-c"} & set(sys.argv[1:]):
+            plain = [
+                o for o in overrides_of(sys.argv[1:]) if o.split("=")[0].split(".")[0] == "attack"
+            ]
+            if plain:
+                raise UserError(
+                    f"{' '.join(plain)}: tgr-bench-variance analyses several attacks, each set "
+                    f"as attack_overrides.<name>.<key>=value (e.g. attack_overrides.mi.eps=8)."
+                )
+            check_overrides(sys.argv[1:], "variance", ("source", "data", "experiment"))
+    except UserError as e:
+        print(f"tgr-bench-variance: error: {e}", file=sys.stderr)
+        sys.exit(2)
     _main()
 
 
