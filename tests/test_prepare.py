@@ -242,9 +242,14 @@ def test_fetch_paper_set_refuses_a_wrong_set_and_leaves_nothing(http_server, tmp
     dest = tmp_path / "bad"
     with pytest.raises(SystemExit) as e:
         prepare(["fetch-paper-set", str(dest), "--url", f"{base}/small.zip", "--expect", "2"])
-    assert e.value.code == 2 and "not 224x224" in capsys.readouterr().err
-    assert not (dest / "clean_resized_images").exists()  # a failed check leaves nothing
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "not 224x224" in err
+    assert f"The archive {base}/small.zip is not the expected set" in err and ".fetch-" not in err
+    assert not dest.exists()  # a failed check leaves nothing, not even the folder it made
     with pytest.raises(SystemExit) as e:
         prepare(["fetch-paper-set", str(tmp_path / "x"), "--url", f"{base}/missing.zip"])
     assert e.value.code == 2 and "Cannot download" in capsys.readouterr().err
-    assert not list((tmp_path / "x").glob("clean_resized_images"))
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(SystemExit) as e:
+        prepare(["fetch-paper-set", str(tmp_path / "y"), "--expect", "-3"])
+    assert e.value.code == 2 and "--expect -3: need the number" in capsys.readouterr().err

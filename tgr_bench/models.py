@@ -300,6 +300,14 @@ def _snapshot_of(path: str) -> str | None:
     return parts[parts.index("snapshots") + 1] if "snapshots" in parts else None
 
 
+def _short(error: BaseException, limit: int = 240) -> str:
+    """An exception's message on one line, cut at a word boundary (torch's are paragraphs)."""
+    text = " ".join(str(error).split())
+    if len(text) <= limit:
+        return text
+    return text[: text.rfind(" ", 0, limit)] + " ..."
+
+
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     """A state dict from .safetensors or a torch file, through timm's own reader (which unwraps
     `state_dict` / `model` / EMA entries and `module.` prefixes). Pickled files are read with
@@ -309,12 +317,12 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
         state = timm.models.load_state_dict(path, weights_only=True)
     except (AttributeError, KeyError, TypeError) as e:  # readable, but not a mapping of tensors
         raise UserError(
-            f"Checkpoint {path} is not a state dict ({type(e).__name__}: {str(e)[:200]}); save "
+            f"Checkpoint {path} is not a state dict ({type(e).__name__}: {_short(e)}); save "
             f"one with torch.save(model.state_dict(), path)."
         ) from e
     except Exception as e:
         raise UserError(
-            f"Cannot read checkpoint {path}: {type(e).__name__}: {str(e)[:300]}. Expected a state "
+            f"Cannot read checkpoint {path}: {type(e).__name__}: {_short(e)} Expected a state "
             f"dict saved with torch.save(model.state_dict(), ...) or safetensors.torch.save_file."
         ) from e
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -196,6 +196,30 @@ def fetch_paper_set(
     (the count, every PNG a readable 224x224 RGB image, a label for each) and return the image
     folder for `data.root=`. Nothing is left in `dest` unless every check passed."""
     import shutil
+
+    from tgr_bench.data import JSON_LABELS
+
+    if expect < 1:
+        raise UserError(f"--expect {expect}: need the number of images the set holds (>= 1).")
+    images_dir = dest / "clean_resized_images"
+    if images_dir.is_dir() and (dest / JSON_LABELS).is_file():
+        print(f"{images_dir} exists; checking it")
+    else:
+        created = not dest.exists()
+        dest.mkdir(parents=True, exist_ok=True)
+        try:
+            _fetch_into(dest, url, expect, timeout)
+        except BaseException:
+            if created:  # a failed fetch leaves no empty folder behind
+                shutil.rmtree(dest, ignore_errors=True)
+            raise
+    pngs = _check_set(images_dir, dest / JSON_LABELS, expect)
+    print(f"{len(pngs)} images, 224x224 RGB, each with its label. Use: data.root={images_dir}")
+    return images_dir
+
+
+def _fetch_into(dest: Path, url: str, expect: int, timeout: float) -> None:
+    import shutil
     import tempfile
     import urllib.request
     import zipfile
@@ -203,54 +227,53 @@ def fetch_paper_set(
     from tgr_bench.data import JSON_LABELS
 
     images_dir = dest / "clean_resized_images"
-    if images_dir.is_dir() and (dest / JSON_LABELS).is_file():
-        print(f"{images_dir} exists; checking it")
-    else:
-        dest.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=dest, prefix=".fetch-") as tmp:
-            archive = Path(tmp) / "set.zip"
-            try:
-                with (
-                    urllib.request.urlopen(url, timeout=timeout) as response,
-                    open(archive, "wb") as out,
-                ):
-                    shutil.copyfileobj(response, out, length=1 << 20)
-            except OSError as e:
-                raise UserError(
-                    f"Cannot download {url}: {e}. On a machine with network, download that "
-                    f"archive (the TGR authors' repository, github.com/jpzhang1810/TGR) and pass "
-                    f"it with --url file://<path to the .zip>, or copy its clean_resized_images/ "
-                    f"and {JSON_LABELS} into {dest}."
-                ) from e
-            staged = Path(tmp) / "set"
-            (staged / "clean_resized_images").mkdir(parents=True)
-            try:
-                with zipfile.ZipFile(archive) as z:
-                    for member in z.namelist():
-                        parts = Path(member).parts
-                        if (
-                            len(parts) >= 2
-                            and parts[-2] == "clean_resized_images"
-                            and (member.endswith(".png"))
-                        ):
-                            target = staged / "clean_resized_images" / parts[-1]
-                        elif parts and parts[-1] == JSON_LABELS:
-                            target = staged / JSON_LABELS
-                        else:
-                            continue
-                        with z.open(member) as src, open(target, "wb") as out:
-                            shutil.copyfileobj(src, out)
-            except zipfile.BadZipFile as e:
-                raise UserError(f"{url} is not a zip archive ({e}).") from e
-            if not (staged / JSON_LABELS).is_file():
-                raise UserError(f"The archive {url} holds no {JSON_LABELS}: not the TGR set.")
+    with tempfile.TemporaryDirectory(dir=dest, prefix=".fetch-") as tmp:
+        archive = Path(tmp) / "set.zip"
+        try:
+            with (
+                urllib.request.urlopen(url, timeout=timeout) as response,
+                open(archive, "wb") as out,
+            ):
+                shutil.copyfileobj(response, out, length=1 << 20)
+        except OSError as e:
+            raise UserError(
+                f"Cannot download {url}: {e}. On a machine with network, download that "
+                f"archive (the TGR authors' repository, github.com/jpzhang1810/TGR) and pass "
+                f"it with --url file://<path to the .zip>, or copy its clean_resized_images/ "
+                f"and {JSON_LABELS} into {dest}."
+            ) from e
+        staged = Path(tmp) / "set"
+        (staged / "clean_resized_images").mkdir(parents=True)
+        try:
+            with zipfile.ZipFile(archive) as z:
+                for member in z.namelist():
+                    parts = Path(member).parts
+                    if (
+                        len(parts) >= 2
+                        and parts[-2] == "clean_resized_images"
+                        and (member.endswith(".png"))
+                    ):
+                        target = staged / "clean_resized_images" / parts[-1]
+                    elif parts and parts[-1] == JSON_LABELS:
+                        target = staged / JSON_LABELS
+                    else:
+                        continue
+                    with z.open(member) as src, open(target, "wb") as out:
+                        shutil.copyfileobj(src, out)
+        except zipfile.BadZipFile as e:
+            raise UserError(f"{url} is not a zip archive ({e}).") from e
+        if not (staged / JSON_LABELS).is_file():
+            raise UserError(f"The archive {url} holds no {JSON_LABELS}: not the TGR set.")
+        try:
             _check_set(staged / "clean_resized_images", staged / JSON_LABELS, expect)
-            shutil.rmtree(images_dir, ignore_errors=True)
-            (staged / "clean_resized_images").rename(images_dir)
-            (staged / JSON_LABELS).replace(dest / JSON_LABELS)
-    pngs = _check_set(images_dir, dest / JSON_LABELS, expect)
-    print(f"{len(pngs)} images, 224x224 RGB, each with its label. Use: data.root={images_dir}")
-    return images_dir
+        except UserError as e:  # name the archive, not the temporary folder it came to
+            raise UserError(
+                f"The archive {url} is not the expected set: {str(e).replace(str(staged), '')}"
+                f" Fetch it again, or check --url."
+            ) from None
+        shutil.rmtree(images_dir, ignore_errors=True)
+        (staged / "clean_resized_images").rename(images_dir)
+        (staged / JSON_LABELS).replace(dest / JSON_LABELS)
 
 
 def main(argv: list[str] | None = None) -> None:
