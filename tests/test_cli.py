@@ -274,7 +274,6 @@ def test_evaluating_the_images_a_folder_has(tmp_path: Path):
 @pytest.mark.parametrize(
     "argv,match",
     [
-        (["adv_dir=/x", "attack.eps=4"], "attack.eps=4: adv_dir= evaluates images that exist"),
         (["hydra.run.dir=FILE/run"], "FILE is a file; choose a folder"),
         (["-m", "hydra.sweep.dir=FILE"], "FILE is a file; choose a folder"),
     ],
@@ -306,3 +305,10 @@ def test_variance_typos_and_plain_attack_keys(tmp_path: Path, override: str, say
 def test_list_refuses_unknown_arguments(tmp_path: Path):
     r = sh([str(Path(sys.executable).with_name("tgr-bench-list")), "--bogus"], cwd=tmp_path)
     assert r.returncode == 2 and "unrecognized arguments: --bogus" in r.stderr
+
+
+def test_attack_settings_with_adv_dir_are_pointed_out(capsys):
+    from tgr_bench.cli import check_overrides
+
+    check_overrides(["adv_dir=/x", "attack.targeted=true"])
+    assert "note: attack.targeted=true ignored: adv_dir= evaluates" in capsys.readouterr().err

@@ -127,7 +127,7 @@ def check_overrides(
 ) -> None:
     """Unknown options of a config group and unknown keys, with the closest known names; the
     checks Hydra answers with a traceback, or with a wrong fix (`+attack.kk=`). Attack settings
-    given with adv_dir= are refused: an evaluation of existing images would ignore them."""
+    given with adv_dir= are pointed out: an evaluation of existing images ignores them."""
     from hydra import compose, initialize_config_module
 
     from tgr_bench.catalogue import CONFIG_MODULE, choices
@@ -137,10 +137,11 @@ def check_overrides(
     overrides = overrides_of(argv)
     if any(o.startswith("adv_dir=") for o in overrides):
         attack = [o for o in overrides if o.partition("=")[0].split(".")[0] == "attack"]
-        if attack:
-            raise UserError(
-                f"{' '.join(attack)}: adv_dir= evaluates images that exist, so attack settings "
-                f"do not apply (the folders' run records say how they were crafted). Drop them."
+        if attack:  # often a command's shared overrides; said, not refused
+            print(
+                f"tgr-bench: note: {' '.join(attack)} ignored: adv_dir= evaluates images that "
+                f"exist, and the folders' run records say how they were crafted.",
+                file=sys.stderr,
             )
     for arg in overrides:
         key, _, value = arg.partition("=")

@@ -249,9 +249,10 @@ def detect_layout(root: Path) -> tuple[str, Path, Path]:
         )
     if not root.is_dir():
         raise UserError(
-            f"Data folder {root} does not exist. Pass data.root=<folder> holding the clean images "
-            f"with {CSV_LABELS}, or the TGR set's clean_resized_images/ with {JSON_LABELS} beside "
-            f"or one level above it; or run the offline smoke test with experiment=smoke."
+            f"Data folder {root} does not exist. Pass a folder holding the clean images with "
+            f"{CSV_LABELS}, or the TGR set's clean_resized_images/ with {JSON_LABELS} beside or "
+            f"one level above it (tgr-bench: data.root=<folder>; offline, the smoke test needs "
+            f"none: experiment=smoke)."
         )
     if (root / CSV_LABELS).is_file():
         return "csv", root, root / CSV_LABELS

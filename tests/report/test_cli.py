@@ -74,6 +74,7 @@ def test_damaged_run_directories_are_named_never_half_reported(
         (["--out", "FILE"], "is a file; pass a folder"),
         (["--bench", "MISSING"], "not a scripts/bench.py JSON result"),
         (["--bench", "ODD"], "no 'crafting' section"),
+        (["--metric", "tsr"], "--metric tsr is the targeted success rate"),
     ],
 )
 def test_bad_report_options_write_nothing(tmp_path: Path, capsys, args, message):

@@ -95,6 +95,11 @@ def targeted_metric(cells: pd.DataFrame, metric: str) -> tuple[str, str]:
             f"different things). Targeted: {dirs(targeted)}. Untargeted: {dirs(~targeted)}. "
             f"Report them separately."
         )
+    if metric == "tsr" and not targeted.all():
+        raise UserError(
+            "--metric tsr is the targeted success rate, and these runs are untargeted: use asr "
+            "(the default), asr_on_correct or clean_acc."
+        )
     if targeted.all() and metric == "asr":
         return "tsr", "targeted success rate (%): prediction == target label"
     return metric, f"{metric} (%)"
