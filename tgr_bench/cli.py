@@ -30,6 +30,8 @@ GROUPS = ("attack", "source", "targets", "data", "experiment")
 # Settings that change no image and no table: a sweep over them keeps its folder.
 RUNTIME_KEYS = ("device", "batch_size", "eval_batch_size", "cache_dir", "tf2torch_dir")
 FLAGS_WITH_VALUE = ("--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd")
+# Hydra's informational flags: the command line is shown, not run, so it is not checked.
+INFO_FLAGS = {"--help", "-h", "--hydra-help", "--info", "--cfg", "-c"}
 
 
 def _invalid(root: DictConfig) -> str:
@@ -223,7 +225,7 @@ def _terminate(signum: int, frame: object) -> None:
 
 def main() -> None:
     try:
-        if not {"--help", "-h", "--hydra-help", "--info", "--cfg", "-c"} & set(sys.argv[1:]):
+        if not INFO_FLAGS & set(sys.argv[1:]):
             check_overrides(sys.argv[1:])
     except UserError as e:
         print(f"tgr-bench: error: {e}", file=sys.stderr)

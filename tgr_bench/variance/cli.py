@@ -49,10 +49,10 @@ def _main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    from tgr_bench.cli import check_overrides, overrides_of
+    from tgr_bench.cli import INFO_FLAGS, check_overrides, overrides_of
 
     try:
-        if not {"--help", "-h", "--hydra-help", "--info", "--cfg", "-c"} & set(sys.argv[1:]):
+        if not INFO_FLAGS & set(sys.argv[1:]):
             plain = [
                 o for o in overrides_of(sys.argv[1:]) if o.split("=")[0].split(".")[0] == "attack"
             ]
