@@ -14,6 +14,7 @@ from tgr_bench.errors import UserError
         ({"name": "vmi", "n_samples": 0}, "n_samples"),
         ({"name": "vmi", "beta": -1}, "beta"),
         ({"name": "sgm", "gamma": 2}, "gamma"),
+        ({"name": "sgm", "gamma": "x"}, "attack.gamma='x' is not a number"),
         ({"name": "pna", "gamma": 0.5}, "no parameters"),
     ],
 )

@@ -191,6 +191,7 @@ def test_batch_equals_alone(family):
     [
         ({"gamma": {"attn": 1.5}}, "outside"),
         ({"gamma": {"mlp": -0.1}}, "outside"),
+        ({"gamma": {"mlp": "half"}}, "attack.gamma.mlp='half' is not a number"),
         ({"gamma": {"ffn": 0.5}}, "unknown components"),
         ({"components": ["attn", "proj"]}, "components"),
         ({"components": []}, "components"),

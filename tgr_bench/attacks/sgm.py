@@ -18,7 +18,7 @@ from torch import nn
 
 from tgr_bench.attacks.architectures import BoundSite, Family, bind_sites
 from tgr_bench.attacks.hooks import GradientHookAttack
-from tgr_bench.errors import UserError
+from tgr_bench.errors import UserError, number
 
 
 class SGM(GradientHookAttack):
@@ -36,7 +36,7 @@ class SGM(GradientHookAttack):
         **loop: Any,  # the MI-FGSM settings of Attack
     ) -> None:
         super().__init__(**loop)
-        if isinstance(gamma, bool) or not isinstance(gamma, int | float) or not 0 <= gamma <= 1:
+        if not 0 <= number("attack.gamma", gamma) <= 1:
             raise UserError(f"attack.gamma={gamma!r} is outside [0, 1].")
         self.gamma = float(gamma)
 

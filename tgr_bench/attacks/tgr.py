@@ -38,7 +38,7 @@ from tgr_bench.attacks.architectures import (
     bind_sites,
 )
 from tgr_bench.attacks.hooks import GradientHookAttack
-from tgr_bench.errors import UserError
+from tgr_bench.errors import UserError, number
 
 DEFAULT_GAMMA = {"attn": 0.25, "qkv": 0.75, "mlp": 0.5, "conv": 0.25}
 
@@ -161,7 +161,7 @@ class TGR(GradientHookAttack):
         if bad:
             raise UserError(f"attack.gamma has unknown components {sorted(bad)}; use {COMPONENTS}.")
         for c, v in gamma.items():
-            if isinstance(v, bool) or not isinstance(v, int | float) or not 0.0 <= v <= 1.0:
+            if not 0.0 <= number(f"attack.gamma.{c}", v) <= 1.0:
                 raise UserError(f"attack.gamma.{c}={v!r} is outside [0, 1].")
         if variant not in (AUTO, *VARIANTS):
             raise UserError(f"attack.variant={variant!r}: choose one of {[AUTO, *VARIANTS]}.")
