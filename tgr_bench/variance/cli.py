@@ -8,11 +8,10 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from tgr_bench.console import to_log_files
 from tgr_bench.errors import UserError
 from tgr_bench.record import digest
 from tgr_bench.variance.run import identity, run
-
-log = logging.getLogger("tgr_bench")
 
 
 def variance_id(*, _root_: DictConfig) -> str:
@@ -37,10 +36,7 @@ def _main(cfg: DictConfig) -> None:
     except UserError as e:
         # One line, not a traceback: the message says how to fix the input.
         print(f"tgr-bench-variance: error: {e}", file=sys.stderr)
-        record = log.makeRecord(log.name, logging.ERROR, __file__, 0, str(e), None, None)
-        for handler in logging.getLogger().handlers:  # the job log only; already printed
-            if isinstance(handler, logging.FileHandler):
-                handler.handle(record)
+        to_log_files(logging.ERROR, str(e))
         sys.exit(2)
     except KeyboardInterrupt:
         # Nothing is kept per image (one cheap pass): say so instead of a traceback.
