@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
 from PIL import Image
+
+from tgr_bench.config import compose
 
 # Never let a test reach for the network: weights come from files the tests write.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -26,8 +27,7 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 @pytest.fixture
 def make_cfg() -> Callable[..., DictConfig]:
     def _make(*overrides: str) -> DictConfig:
-        with initialize_config_module("tgr_bench.conf", version_base="1.3"):
-            return compose("config", overrides=list(overrides))
+        return compose(list(overrides))
 
     return _make
 

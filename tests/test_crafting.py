@@ -16,7 +16,7 @@ from tgr_bench.attacks import build_attack
 from tgr_bench.catalogue import model_spec
 from tgr_bench.data import load_folder, read_image
 from tgr_bench.images import quantize
-from tgr_bench.models import Weights, build_model
+from tgr_bench.models import WeightFile, build_model
 from tgr_bench.pipeline import run
 from tgr_bench.record import IMAGES_DIR, MANIFEST, RunRecord
 from tgr_bench.resume import Manifest
@@ -41,7 +41,7 @@ def test_streamed_run_equals_one_in_memory_batch(make_cfg, tmp_path: Path, csv_s
 
     data = load_folder(csv_set)
     clean = torch.stack([read_image(csv_set / f"{s}.png") for s in data.stems])
-    model = build_model(model_spec("test_vit"), Weights("random"), "cpu", seed=0).model
+    model = build_model(model_spec("test_vit"), WeightFile("random"), "cpu", seed=0).model
     attack = build_attack({"name": "mi", "steps": 3})
     seeds = crafting.image_seeds(data.stems, 0)
     adv = attack.perturb(model, clean.float() / 255, data.labels, seeds)

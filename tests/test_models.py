@@ -19,7 +19,7 @@ from tgr_bench.models import ModelSpec, PixelModel, build_model, resolve_weights
 
 
 def spec(**kw) -> ModelSpec:
-    return ModelSpec.from_cfg(
+    return ModelSpec.of(
         {"key": "test_vit", "model": "test_vit.r160_in1k", "pretrained": False, **kw}
     )
 
@@ -114,7 +114,7 @@ def test_missing_checkpoint_file(tmp_path: Path):
 
 
 def test_model_timm_lacks_asks_for_its_file_and_says_where_it_is_published():
-    s = ModelSpec.from_cfg({"key": "res_v2_101", "tfslim": "res_v2_101"})
+    s = ModelSpec.of({"key": "res_v2_101", "tfslim": "res_v2_101"})
     with pytest.raises(
         UserError, match="tf2torch_resnet_v2_101.npy .*ylhz/tf_to_pytorch_model"
     ) as e:
@@ -156,7 +156,7 @@ def test_protocol_weight_tags_exist_in_timm(make_cfg):
     cfg = make_cfg("targets=paper")
     tfslim_only = set()
     for key, entry in cfg.targets.items():
-        s = ModelSpec.from_cfg(entry)
+        s = ModelSpec.of(entry)
         if s.model is None:
             tfslim_only.add(key)
             continue

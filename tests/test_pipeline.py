@@ -294,11 +294,10 @@ def _peak_rss_mb(n: int, tmp_path: Path) -> float:
     """Peak resident memory of a whole run on n synthetic 224x224 images, in a fresh process."""
     code = (
         "import resource, sys\n"
-        "from hydra import compose, initialize_config_module\n"
+        "from tgr_bench.config import compose\n"
         "from tgr_bench.pipeline import run\n"
-        "with initialize_config_module('tgr_bench.conf', version_base='1.3'):\n"
-        "    cfg = compose('config', overrides=['experiment=smoke', 'data.n=' + sys.argv[1],\n"
-        "        'data.labels=random', 'attack.steps=1', 'batch_size=16', 'cache_dir=null'])\n"
+        "cfg = compose(['experiment=smoke', 'data.n=' + sys.argv[1],\n"
+        "    'data.labels=random', 'attack.steps=1', 'batch_size=16', 'cache_dir=null'])\n"
         "run(cfg, output_dir=sys.argv[2])\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
     )

@@ -37,9 +37,7 @@ def raw_val(root: Path, classes: int = 3, per_class: int = 4) -> Path:
 def test_build_is_deterministic_and_checks_out(tmp_path: Path, capsys):
     val = raw_val(tmp_path / "val")
     for out in ("a", "b"):
-        with pytest.raises(SystemExit) as exit_:
-            prepare(["build", "--val", str(val), "--out", str(tmp_path / out), "--seed", "3"])
-        assert exit_.value.code == 0
+        prepare(["build", "--val", str(val), "--out", str(tmp_path / out), "--seed", "3"])
     a = sorted((tmp_path / "a").iterdir())
     assert [p.name for p in a] == [p.name for p in sorted((tmp_path / "b").iterdir())]
     assert all(p.read_bytes() == (tmp_path / "b" / p.name).read_bytes() for p in a)
@@ -51,8 +49,7 @@ def test_build_is_deterministic_and_checks_out(tmp_path: Path, capsys):
     for name, label in zip(labels.filename, labels.label, strict=True):
         number = int(name.split("_")[-1].split(".")[0])
         assert (number - 1) // 4 == label
-    with pytest.raises(SystemExit):
-        prepare(["build", "--val", str(val), "--out", str(tmp_path / "c"), "--seed", "4"])
+    prepare(["build", "--val", str(val), "--out", str(tmp_path / "c"), "--seed", "4"])
     other = sorted(pd.read_csv(tmp_path / "c" / "labels.csv").filename)
     assert other != sorted(labels.filename)  # another seed, another draw
     assert "ok" in capsys.readouterr().out
@@ -102,8 +99,7 @@ def test_resize_and_crop_follow_the_protocol(tmp_path: Path):
 def test_check_reports_duplicates_and_wrong_sizes(tmp_path: Path, capsys):
     val = raw_val(tmp_path / "val", classes=2, per_class=2)
     out = tmp_path / "set"
-    with pytest.raises(SystemExit):
-        prepare(["build", "--val", str(val), "--out", str(out)])
+    prepare(["build", "--val", str(val), "--out", str(out)])
     first = sorted(out.glob("*.png"))[0]
     (out / "ILSVRC2012_val_00009999.png").write_bytes(first.read_bytes())
     with open(out / "labels.csv", "a") as f:
@@ -115,7 +111,7 @@ def test_check_reports_duplicates_and_wrong_sizes(tmp_path: Path, capsys):
 
 
 def test_check_accepts_the_authors_layout(json_set: Path, capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit):  # 64-pixel images: a problem, exit code 1
         prepare(["check", str(json_set.parent)])
     assert "layout json" in capsys.readouterr().out
 
@@ -146,6 +142,9 @@ def test_submitit_local_launcher_runs_the_sweep(tmp_path: Path):
 def test_launcher_presets_compose(make_cfg):
     from hydra import compose, initialize_config_module
 
+    from tgr_bench.config import register
+
+    register()
     for preset, key in (("slurm", "gpus_per_node"), ("local_parallel", "n_jobs")):
         with initialize_config_module("tgr_bench.conf", version_base="1.3"):
             cfg = compose(
@@ -224,9 +223,7 @@ def test_fetch_paper_set_downloads_checks_and_says_what_to_pass(http_server, tmp
     root, base = http_server
     _paper_like_archive(root / "set.zip", 3)
     dest = tmp_path / "tgr1000"
-    with pytest.raises(SystemExit) as done:
-        prepare(["fetch-paper-set", str(dest), "--url", f"{base}/set.zip", "--expect", "3"])
-    assert done.value.code == 0
+    prepare(["fetch-paper-set", str(dest), "--url", f"{base}/set.zip", "--expect", "3"])
     images = dest / "clean_resized_images"
     assert len(list(images.glob("*.png"))) == 3 and not (dest / "attack.py").exists()
     assert f"data.root={images}" in capsys.readouterr().out

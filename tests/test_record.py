@@ -7,8 +7,12 @@ from pathlib import Path
 from omegaconf import OmegaConf, open_dict
 
 from tgr_bench.pipeline import run
-from tgr_bench.plan import identity_of
+from tgr_bench.plan import resolve
 from tgr_bench.record import RunRecord
+
+
+def identity_of(cfg):
+    return resolve(cfg, keep=False).identity
 
 
 def test_a_config_key_that_changes_nothing_changes_no_run_id(make_cfg):
@@ -19,7 +23,7 @@ def test_a_config_key_that_changes_nothing_changes_no_run_id(make_cfg):
     without = OmegaConf.create(OmegaConf.to_container(base))
     with open_dict(without):
         del without.attack["patchout"]  # as if the modifier had never been added
-        without.some_new_runtime_key = 3  # a key added at the top level
+        without.batch_size = 3  # a key that changes no image
     assert identity_of(without).run_id == reference
     disabled = make_cfg("attack=tgr", "data=synthetic", "attack.patchout.n_patches=7")
     assert identity_of(disabled).run_id == reference  # settings of a disabled modifier

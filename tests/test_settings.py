@@ -60,7 +60,7 @@ def test_runtime_and_data_switches_are_checked_before_any_work(make_cfg, tmp_pat
 
 @pytest.mark.parametrize("key", ["allow_unlabeled", "only_present"])
 def test_data_switches_take_true_or_false_only(key):
-    from tgr_bench.data import DataSpec
+    from tgr_bench.data import data_spec
 
     with pytest.raises(UserError, match=f"data.{key}='no': use true or false"):
-        DataSpec.from_cfg({"kind": "folder", "root": "/data", key: "no"})
+        data_spec({"kind": "folder", "root": "/data", key: "no"})

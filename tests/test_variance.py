@@ -13,18 +13,19 @@ import pandas as pd
 import pytest
 import timm
 import torch
-from hydra import compose, initialize_config_module
 
-from tests.tiny import batch, tiny
-from tgr_bench.attacks import TGR, VMI, Attack
-from tgr_bench.catalogue import CONFIG_MODULE, choices, model_spec
+from tests.tiny import batch, make, tiny
+from tgr_bench.attacks import MIFGSM
+from tgr_bench.catalogue import model_spec
+from tgr_bench.config import choices, compose
 from tgr_bench.errors import UserError
 from tgr_bench.images import quantize
-from tgr_bench.models import Weights, build_model
+from tgr_bench.models import WeightFile, build_model
 from tgr_bench.tfslim.registry import create_network
-from tgr_bench.variance import GradientRecorder, block_statistics, long_frame, source_blocks
-from tgr_bench.variance.blocks import BLOCKS
-from tgr_bench.variance.tables import write_all
+from tgr_bench.variance.blocks import BLOCKS, source_blocks
+from tgr_bench.variance.recorder import GradientRecorder, block_statistics
+from tgr_bench.variance.run import run
+from tgr_bench.variance.tables import long_frame, write_all
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,10 +33,10 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def vit():
     """The catalogue's tiny ViT (6 blocks, 160 px), random weights."""
-    return build_model(model_spec("test_vit"), Weights("random"), "cpu").model
+    return build_model(model_spec("test_vit"), WeightFile("random"), "cpu").model
 
 
-def record(attack: Attack, model, x, y, seeds=None):
+def record(attack: MIFGSM, model, x, y, seeds=None):
     """(adversarial images, per-sample stats) of one recorded run of `attack`."""
     recorder = GradientRecorder(source_blocks(model), model.net)
     with attack.source_context(model), recorder.recording(attack):
@@ -64,7 +65,7 @@ def test_statistic_on_a_hand_made_gradient():
     assert block_statistics(torch.zeros(1, 5, 3)).abs().max().item() == 0
 
 
-class TripledLoss(Attack):
+class TripledLoss(MIFGSM):
     """MI-FGSM with the loss times 3: every gradient of the backward pass scaled uniformly."""
 
     def loss(self, logits, y, delta, copies=1):
@@ -73,8 +74,8 @@ class TripledLoss(Attack):
 
 def test_a_uniform_scaling_of_the_gradient_leaves_the_scale_free_variance(vit):
     x, y = batch(2)
-    _, plain = record(Attack(steps=2), vit, x, y)
-    _, tripled = record(TripledLoss(steps=2), vit, x, y)
+    _, plain = record(make("mi", steps=2), vit, x, y)
+    _, tripled = record(TripledLoss(make("mi", steps=2).settings), vit, x, y)
     assert torch.allclose(tripled.scale_free_var, plain.scale_free_var, rtol=1e-4)
     assert torch.allclose(tripled.raw_var, 9 * plain.raw_var, rtol=1e-4)
     assert torch.allclose(tripled.input_cos, plain.input_cos, atol=1e-6)
@@ -103,7 +104,7 @@ def test_blocks_of_the_tiny_transformers(family: str, count: int):
 
 def test_blocks_of_the_catalogue_test_models(vit):
     assert [n for n, _ in source_blocks(vit)] == [f"blocks.{i}" for i in range(6)]
-    resnet = build_model(model_spec("test_resnet"), Weights("random"), "cpu").model.net
+    resnet = build_model(model_spec("test_resnet"), WeightFile("random"), "cpu").model.net
     units = [
         u for layer in (resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4) for u in layer
     ]
@@ -143,13 +144,13 @@ def test_every_family_has_a_block_table_and_others_are_refused():
 
 
 # ---- 3. recording is read-only ----------------------------------------------------------------
-@pytest.mark.parametrize("make", [lambda: Attack(steps=3), lambda: TGR(steps=3)], ids=["mi", "tgr"])
-def test_recording_changes_no_adversarial_image(vit, make):
+@pytest.mark.parametrize("name", ["mi", "tgr"])
+def test_recording_changes_no_adversarial_image(vit, name):
     x, y = batch(2)
-    attack = make()
+    attack = make(name, "vit", steps=3)
     with attack.source_context(vit):
         plain = attack.perturb(vit, x, y, [0, 1])
-    recorded, stats = record(make(), vit, x, y)
+    recorded, stats = record(make(name, "vit", steps=3), vit, x, y)
     clean = (x * 255).round().to(torch.uint8)
     assert torch.equal(quantize(recorded, clean, 16.0), quantize(plain, clean, 16.0))
     assert torch.equal(recorded, plain)
@@ -160,8 +161,8 @@ def test_vmi_is_recorded_at_the_current_point_only(vit):
     """One recorded backward per step, at batch size B (the neighbours are not recorded), and
     its step-0 block gradients are MI's (the same point, the same loss)."""
     x, y = batch(2)
-    _, mi = record(Attack(steps=1), vit, x, y)
-    _, vmi = record(VMI(steps=1, n_samples=3), vit, x, y)
+    _, mi = record(make("mi", steps=1), vit, x, y)
+    _, vmi = record(make("vmi", steps=1, n_samples=3), vit, x, y)
     assert vmi.steps == 1 and vmi.scale_free_var.shape == (6, 2)
     assert torch.allclose(vmi.scale_free_var, mi.scale_free_var, rtol=1e-5)
 
@@ -204,11 +205,9 @@ def test_tables_and_plot_are_written_and_read_back(tmp_path: Path):
 
 # ---- 5. config and console script ---------------------------------------------------------------
 def test_every_attack_config_is_offered_with_its_defaults():
-    with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
-        cfg = compose(
-            "variance",
-            overrides=["experiment=smoke", "source=test_vit", "attack_overrides.vmi.beta=1.0"],
-        )
+    cfg = compose(
+        ["experiment=smoke", "source=test_vit", "attack_overrides.vmi.beta=1.0"], "variance"
+    )
     offered = cfg.attack_overrides
     assert set(choices("attack")) | {"tgr_nozero"} == set(offered)
     assert offered.tgr_nozero.zero is False and offered.tgr.zero is True
@@ -219,8 +218,6 @@ def test_every_attack_config_is_offered_with_its_defaults():
 def test_run_called_directly_and_again(tmp_path: Path):
     """run(cfg, output_dir) without Hydra's app; one step gives no input_cos pair; the same
     analysis again finds it complete and computes nothing."""
-    from tgr_bench.variance import run
-
     overrides = [
         "experiment=smoke",
         "source=test_vit",
@@ -229,14 +226,15 @@ def test_run_called_directly_and_again(tmp_path: Path):
         "batch_size=2",
     ]
     overrides += [f"attack_overrides.{a}.steps=1" for a in ("mi", "sgm")]
-    with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
-        cfg = compose("variance", overrides=overrides)
+    cfg = compose(overrides, "variance")
     rec = run(cfg, tmp_path)
     df = pd.read_csv(tmp_path / "variance.csv")
     assert set(df.statistic) == {"scale_free_var", "raw_var"} and set(df.n) == {3}
-    assert len(df) == 2 * 2 * 6 and rec["attacks"][1]["params"]["gamma"] == 0.5
+    assert len(df) == 2 * 2 * 6 and rec.analysis["attacks"][1]["params"]["gamma"] == 0.5
     before = (tmp_path / "variance.json").read_bytes()
-    assert run(cfg, tmp_path) == rec and (tmp_path / "variance.json").read_bytes() == before
+    again = run(cfg, tmp_path)  # read back from variance.json, which is not written again
+    assert again.analysis == json.loads(before)["analysis"] and again.status == "complete"
+    assert (tmp_path / "variance.json").read_bytes() == before
 
 
 def script(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -261,10 +259,11 @@ def test_console_script_writes_every_file(tmp_path: Path):
         assert (out / name).is_file(), name
     rec = json.loads((out / "variance.json").read_text())
     assert rec["status"] == "complete" and rec["source"]["family"] == "vit"
-    assert [a["name"] for a in rec["attacks"]] == ["mi", "tgr"]
-    assert all(a["first_batch"]["identical_images"] for a in rec["attacks"])
-    assert rec["cost"]["relative_to_crafting"] > 0 and len(rec["images"]) == 2
-    assert rec["attacks"][1]["params"]["steps"] == 2 and "versions" in rec
+    analysis = rec["analysis"]
+    assert [a["name"] for a in analysis["attacks"]] == ["mi", "tgr"]
+    assert all(a["first_batch"]["identical_images"] for a in analysis["attacks"])
+    assert analysis["cost"]["relative_to_crafting"] > 0 and len(analysis["images"]) == 2
+    assert analysis["attacks"][1]["params"]["steps"] == 2 and "versions" in rec
     df = pd.read_csv(out / "variance.csv")
     assert sorted(set(df.attack)) == ["mi", "tgr"] and set(df.n) == {2}
 
@@ -300,11 +299,8 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path: Path, args: list[str], 
 )
 def test_settings_the_statistics_cannot_mean_are_refused(tmp_path: Path, setting, named):
     """Copies would be counted as images, and the loop aims at the true labels."""
-    from tgr_bench.variance import run
-
     overrides = ["experiment=smoke", "source=test_vit", "attacks=[mi]", "data.n=2", setting]
-    with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
-        cfg = compose("variance", overrides=overrides)
+    cfg = compose(overrides, "variance")
     with pytest.raises(UserError, match=f"does not support {named}"):
         run(cfg, tmp_path / "out")
     assert not (tmp_path / "out").exists()

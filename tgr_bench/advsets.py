@@ -8,18 +8,19 @@ from pathlib import Path
 
 import torch
 
+from tgr_bench.aims import read_aims
 from tgr_bench.data import ImageSet, adversarial_pixels
 from tgr_bench.errors import UserError
-from tgr_bench.images import linf_levels
-from tgr_bench.pixels import Pixels, batches
-from tgr_bench.record import IMAGES_DIR, AdvSetInfo, RunRecord, digest
+from tgr_bench.hashing import digest
+from tgr_bench.pixels import Pixels
+from tgr_bench.record import IMAGES_DIR, AdvSetInfo, RunRecord
 
 
 @dataclass
 class AdvSet:
     info: AdvSetInfo
     pixels: Pixels  # aligned with the clean set, decoded on demand
-    targets: torch.Tensor | None = None  # a targeted attack's target labels
+    aims: torch.Tensor | None = None  # the classes a targeted attack aimed at
 
 
 def describe_folder(folder: str | Path) -> AdvSetInfo:
@@ -54,25 +55,10 @@ def describe_folder(folder: str | Path) -> AdvSetInfo:
 def load_sets(infos: list[AdvSetInfo], data: ImageSet) -> list[AdvSet]:
     """Every folder checked against the clean set (present, readable, same size); the folder
     of a targeted run brings its run's target labels."""
-    from tgr_bench.targets import read_targets
-
     sets = []
     for info in infos:
-        targets = None
+        aims = None
         if info.params.get("targeted"):
-            targets = read_targets(Path(info.folder).parent, data.stems)
-        sets.append(AdvSet(info, adversarial_pixels(info.folder, data), targets))
+            aims = read_aims(Path(info.folder).parent, data.stems)
+        sets.append(AdvSet(info, adversarial_pixels(info.folder, data), aims))
     return sets
-
-
-def linf_levels_max(data: ImageSet, sets: list[AdvSet], batch_size: int = 64) -> int:
-    """The largest |adversarial - clean| over every pixel of every set, read back from the
-    files: the saved PNGs, not what the attack meant to save, are checked against eps."""
-    worst = 0
-    for s in sets:
-        adv = batches(s.pixels, range(len(data)), batch_size)
-        for (_, clean), (_, saved) in zip(
-            batches(data.pixels, range(len(data)), batch_size), adv, strict=True
-        ):
-            worst = max(worst, linf_levels(saved, clean))
-    return worst

@@ -8,10 +8,7 @@ the same place and resumes. Ctrl-C and SIGTERM end a run with one line saying wh
 
 from __future__ import annotations
 
-import difflib
-import logging
 import re
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,25 +16,35 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from tgr_bench import __version__
 from tgr_bench.advsets import describe_folder
-from tgr_bench.console import to_log_files
-from tgr_bench.errors import Interrupted, Terminated, UserError, exit_code_of
+from tgr_bench.config import GROUPS, choices, compose, register
+from tgr_bench.entry import guarded, main_of
+from tgr_bench.errors import UserError
+from tgr_bench.hashing import digest
 from tgr_bench.pipeline import run
-from tgr_bench.plan import identity_of
-from tgr_bench.record import digest
+from tgr_bench.plan import invalid_id, resolve
+from tgr_bench.schema import closest, keys_of, runtime_keys, unknown_key
+from tgr_bench.settings import RunSettings
 
-GROUPS = ("attack", "source", "targets", "data", "experiment")
-# Settings that change no image and no table: a sweep over them keeps its folder.
-RUNTIME_KEYS = ("device", "batch_size", "eval_batch_size", "cache_dir", "tf2torch_dir")
+PROG = "tgr-bench"
+USAGE = """tgr-bench: transfer attacks on vision transformers (TGR, CVPR 2023, and its baselines).
+
+Usage:
+  tgr-bench experiment=smoke                                   # offline smoke run (CPU)
+  tgr-bench source=vit_base attack=tgr data.root=/data/tgr1000  # craft + evaluate all targets
+  tgr-bench source=pit_b attack=mi targets=vits data.limit=100 data.root=...
+  tgr-bench -m attack=tgr attack.k=1,2,4,8 source=vit_base data.root=...   # a sweep
+  tgr-bench adv_dir=/path/to/pngs data.root=/data/tgr1000 targets=cnns      # evaluate a folder
+  tgr-bench ... targets=paper tf2torch_dir=/data/tf2torch      # the paper's TF-slim CNN weights
+  tgr-bench-list       # attacks with every key, its default and meaning; model keys
+  tgr-bench-report multirun/<sweep> --out results/mytable     # paper-style tables
+Attacks take budgets in 0-255 pixel levels (attack.eps=16). More: README.md and docs/."""
 FLAGS_WITH_VALUE = ("--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd")
 # Hydra's informational flags: the command line is shown, not run, so it is not checked.
-INFO_FLAGS = {"--help", "-h", "--hydra-help", "--info", "--cfg", "-c"}
-
-
-def _invalid(root: DictConfig) -> str:
-    raw = OmegaConf.to_container(root, resolve=False)
-    raw.pop("hydra", None)
-    return "invalid-" + digest(raw)[:12]
+INFO_FLAGS = {"--help", "-h", "--hydra-help", "--info", "--cfg", "-c", "--version"}
+# A comma outside brackets separates the values of a sweep (`attack.k=1,2` but `[a,b]`).
+SWEEP_COMMA = re.compile(r",(?![^\[]*\])")
 
 
 def run_dir(*, _root_: DictConfig) -> str:
@@ -47,7 +54,8 @@ def run_dir(*, _root_: DictConfig) -> str:
     so re-running a command resumes in the same place and a different setting never does. A
     config that is not valid gets a directory of its own; the run then stops with the reason."""
     try:
-        ident = identity_of(_root_)
+        spec = resolve(_root_)
+        ident = spec.identity
         if ident.adv_dir:
             infos = [describe_folder(f) for f in ident.adv_dir]
             first = infos[0]
@@ -60,39 +68,16 @@ def run_dir(*, _root_: DictConfig) -> str:
             return f"eval/{name}{more}/{ident.run_id}"
         return f"{(ident.source or {}).get('key')}/{ident.attack}/{ident.run_id}"
     except Exception:
-        return f"invalid/{_invalid(_root_)}"
-
-
-def run_id(*, _root_: DictConfig) -> str:
-    """The run identity's short id (see record.Identity)."""
-    try:
-        return identity_of(_root_).run_id
-    except Exception:
-        return _invalid(_root_)
+        return f"invalid/{invalid_id(_root_)}"
 
 
 OmegaConf.register_new_resolver("tgr_run_dir", run_dir, replace=True)
-OmegaConf.register_new_resolver("tgr_run_id", run_id, replace=True)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://tgr_bench.conf", config_name="config")
 def _main(cfg: DictConfig) -> None:
-    try:
+    with guarded(PROG):
         run(cfg)
-    except UserError as e:
-        # A short message, not a traceback: the message says how to fix the input.
-        print(f"tgr-bench: error: {e}", file=sys.stderr)
-        to_log_files(logging.ERROR, str(e))
-        sys.exit(2)
-    except Interrupted as e:
-        print(f"tgr-bench: {e}", file=sys.stderr)
-        to_log_files(logging.WARNING, str(e))
-        sys.exit(e.exit_code)
-    except (KeyboardInterrupt, Terminated) as e:  # before any work: nothing written
-        message = "stopped before any work; nothing was written."
-        print(f"tgr-bench: {message}", file=sys.stderr)
-        to_log_files(logging.WARNING, message)
-        sys.exit(exit_code_of(e))
 
 
 # ---- the command line, before Hydra ------------------------------------------------------------
@@ -109,11 +94,6 @@ def overrides_of(argv: Sequence[str]) -> list[str]:
     return out
 
 
-def _closest(word: str, options: Sequence[str]) -> str:
-    near = difflib.get_close_matches(word, options, n=3, cutoff=0.5)
-    return f"Did you mean {' or '.join(near)}? " if near else ""
-
-
 def _check_output_dir(key: str, value: str) -> None:
     """hydra.run.dir / hydra.sweep.dir inside a file: Hydra would fail with a traceback."""
     path = Path(value).expanduser()
@@ -124,27 +104,50 @@ def _check_output_dir(key: str, value: str) -> None:
             return
 
 
+def _check_options(group: str, value: str) -> None:
+    known = choices(group)
+    for option in SWEEP_COMMA.split(value):
+        option = option.strip()
+        if option and option != "null" and option not in known:
+            raise UserError(
+                f"{group}={option}: no such {group}. {closest(option, known)}"
+                f"The options of {group} are: {', '.join(known)}."
+            )
+
+
+def _note_ignored(overrides: list[str]) -> None:
+    """Attack settings given with adv_dir= are pointed out: often a command's shared
+    overrides, they cannot change images that exist."""
+    if any(o.startswith("adv_dir=") for o in overrides):
+        attack = [o for o in overrides if o.partition("=")[0].split(".")[0] == "attack"]
+        if attack:
+            print(
+                f"{PROG}: note: {' '.join(attack)} ignored: adv_dir= evaluates images that "
+                f"exist, and the folders' run records say how they were crafted.",
+                file=sys.stderr,
+            )
+
+
+def _owners(group: str, leaf: str) -> str:
+    """'Keys like k belong to attack=tgr': an attack key of another attack."""
+    from tgr_bench.attacks import ATTACKS
+
+    if group != "attack":
+        return ""
+    owners = [f"attack={n}" for n, cls in ATTACKS.items() if closest(leaf, keys_of(cls.Settings))]
+    return (
+        f"Keys like {leaf} belong to {', '.join(owners)}; choose one of those. " if owners else ""
+    )
+
+
 def check_overrides(
     argv: Sequence[str], config_name: str = "config", groups_of: Sequence[str] = GROUPS
 ) -> None:
     """Unknown options of a config group and unknown keys, with the closest known names; the
-    checks Hydra answers with a traceback, or with a wrong fix (`+attack.kk=`). Attack settings
-    given with adv_dir= are pointed out: an evaluation of existing images ignores them."""
-    from hydra import compose, initialize_config_module
-
-    from tgr_bench.catalogue import CONFIG_MODULE, choices
-
-    groups: list[str] = []
-    keys: list[tuple[str, str]] = []
+    checks Hydra answers with a traceback, or with a wrong fix (`+attack.kk=`)."""
     overrides = overrides_of(argv)
-    if any(o.startswith("adv_dir=") for o in overrides):
-        attack = [o for o in overrides if o.partition("=")[0].split(".")[0] == "attack"]
-        if attack:  # often a command's shared overrides; said, not refused
-            print(
-                f"tgr-bench: note: {' '.join(attack)} ignored: adv_dir= evaluates images that "
-                f"exist, and the folders' run records say how they were crafted.",
-                file=sys.stderr,
-            )
+    _note_ignored(overrides)
+    groups, keys = [], []
     for arg in overrides:
         key, _, value = arg.partition("=")
         if key in ("hydra.run.dir", "hydra.sweep.dir"):
@@ -152,87 +155,78 @@ def check_overrides(
         if key.startswith(("+", "~", "hydra")) or "/" in key:
             continue  # additions, deletions and Hydra's own settings are Hydra's business
         if key in groups_of:
-            known = choices(key)
-            for option in re.split(r",(?![^\[]*\])", value):
-                option = option.strip()
-                if option and option != "null" and option not in known:
-                    raise UserError(
-                        f"{key}={option}: no such {key}. {_closest(option, known)}"
-                        f"The options of {key} are: {', '.join(known)}."
-                    )
-            groups.append(f"{key}={value.split(',')[0]}")
+            _check_options(key, value)
+            groups.append(f"{key}={SWEEP_COMMA.split(value)[0]}")
         else:
             keys.append((key, arg))
-    if not keys:
-        return
-    with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
-        cfg = compose(config_name, overrides=groups)
+    if keys:
+        _check_keys(compose(groups, config_name), keys, groups_of)
+
+
+def _check_keys(cfg: DictConfig, keys: list[tuple[str, str]], groups_of: Sequence[str]) -> None:
     for key, arg in keys:
         parent, _, leaf = key.rpartition(".")
         node = OmegaConf.select(cfg, parent) if parent else cfg
         if not OmegaConf.is_dict(node) or leaf in node:
             continue
-        siblings = [str(k) for k in node]
-        where = f"{parent}." if parent else ""
-        near = difflib.get_close_matches(leaf, siblings, n=3, cutoff=0.5)
-        hint = f"Did you mean {' or '.join(where + n for n in near)}? " if near else ""
-        if parent in groups_of and parent == "attack" and not near:
-            hint = _other_options(parent, leaf, groups)
-        raise UserError(
-            f"{arg}: there is no key {key}. {hint}The keys of {parent or 'the config'} are: "
-            f"{', '.join(siblings)}."
-        )
+        hint = _owners(parent, leaf) if parent in groups_of else ""
+        raise UserError(f"{arg}: {unknown_key(key, [str(k) for k in node], hint)}")
 
 
-def _other_options(group: str, leaf: str, groups: list[str]) -> str:
-    """'k is a key of attack=tgr': the key belongs to another option of the group."""
-    from hydra import compose, initialize_config_module
-
-    from tgr_bench.catalogue import CONFIG_MODULE, choices
-
-    owners = []
-    with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
-        for option in choices(group):
-            node = compose("config", overrides=[f"{group}={option}"])[group]
-            if difflib.get_close_matches(leaf, [str(k) for k in node], n=1, cutoff=0.5):
-                owners.append(f"{group}={option}")
-    return (
-        f"Keys like {leaf} belong to {', '.join(owners)}; choose one of those. " if owners else ""
-    )
+def _value_order(value: str) -> tuple[int, float, str]:
+    """Numbers by value, then texts: 1,2,16 stays in that order."""
+    try:
+        return (0, float(value), value)
+    except ValueError:
+        return (1, 0.0, value)
 
 
 def with_sweep_dir(argv: list[str]) -> list[str]:
     """A sweep without hydra.sweep.dir= gets `multirun/<hash of its overrides>`: the same
-    command lands in the same folder, where each job resumes as a single run does. Settings that
-    change no image (device, batch sizes, caches, tf2torch_dir) do not move it."""
+    command, with its overrides and values in any order, lands in the same folder, where each
+    job resumes as a single run does. Settings that change no image do not move it."""
     if not {"-m", "--multirun"} & set(argv):
         return argv
     overrides = overrides_of(argv)
     if any(o.startswith("hydra.sweep.dir=") for o in overrides):
         return argv
+    runtime = runtime_keys(RunSettings)
     kept = sorted(
-        o
-        for o in overrides
-        if o.partition("=")[0].lstrip("+~") not in RUNTIME_KEYS
-        and not o.startswith(("hydra.", "hydra/"))
+        f"{key}={','.join(sorted(SWEEP_COMMA.split(value), key=_value_order))}"
+        for key, _, value in (o.partition("=") for o in overrides)
+        if key.lstrip("+~") not in runtime and not key.startswith(("hydra.", "hydra/"))
     )
     return [*argv, f"hydra.sweep.dir=multirun/{digest(kept)[:12]}"]
 
 
-def _terminate(signum: int, frame: object) -> None:
-    raise Terminated()
+def help_text(overrides: list[str]) -> str:
+    """--help: the usage, each group's options and the config these overrides compose to."""
+    groups = "\n".join(f"{g}: {', '.join(choices(g))}" for g in GROUPS)
+    config = OmegaConf.to_yaml(compose(overrides))
+    return (
+        f"{USAGE}\n\n== Config groups (group=option) ==\n{groups}\n\n"
+        f"== Config (override any key: foo.bar=value) ==\n{config}\n"
+        f"Hydra's own options: tgr-bench --hydra-help"
+    )
+
+
+def _start() -> None:
+    register()
+    args = sys.argv[1:]
+    if "--version" in args:
+        print(f"{PROG} {__version__}")
+        return
+    if {"--help", "-h"} & set(args):
+        print(help_text([o for o in overrides_of(args) if not o.startswith("hydra")]))
+        return
+    if not INFO_FLAGS & set(sys.argv[1:]):
+        check_overrides(sys.argv[1:])
+    sys.argv = with_sweep_dir(sys.argv)
+    _main()
 
 
 def main() -> None:
-    try:
-        if not INFO_FLAGS & set(sys.argv[1:]):
-            check_overrides(sys.argv[1:])
-    except UserError as e:
-        print(f"tgr-bench: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    sys.argv = with_sweep_dir(sys.argv)
-    signal.signal(signal.SIGTERM, _terminate)
-    _main()
+    main_of(PROG, _start)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import torch
 from rich.progress import Progress
 
 from tgr_bench.atomic import atomic_write
-from tgr_bench.attacks import Attack
+from tgr_bench.attacks import MIFGSM
 from tgr_bench.data import ImageSet
 from tgr_bench.errors import UserError
 from tgr_bench.images import PNG_COMPRESS_LEVEL, encode_png, quantize_with_linf
@@ -111,9 +111,68 @@ class PngWriter:
                     self._record()
 
 
+def _todo(manifest: Manifest, images_dir: Path, data: ImageSet, stats: CraftStats) -> list[int]:
+    """The images not yet saved and verified; says what resumes and what was edited."""
+    images_dir.mkdir(parents=True, exist_ok=True)
+    for stale in images_dir.glob(".*.tmp"):  # a killed run's unfinished writes (we hold the lock)
+        stale.unlink()
+    manifest.start()
+    done = manifest.verified(images_dir, data.stems)
+    if done:
+        log.info("Resuming: %d of %d images already saved and verified", len(done), len(data))
+    changed = sorted(set(manifest.done) & set(data.stems) - done)
+    if changed:
+        log.warning(
+            "%d saved images no longer match their recorded hash (edited or damaged, e.g. "
+            "%s.png): crafting them again",
+            len(changed),
+            changed[0],
+        )
+    stats.resumed, stats.attacked = len(done), 0
+    stats.png_compress_level = PNG_COMPRESS_LEVEL
+    return [i for i, stem in enumerate(data.stems) if stem not in done]
+
+
+def _attack(
+    attack: MIFGSM,
+    source: LoadedModel,
+    data: ImageSet,
+    idx: list[int],
+    clean: torch.Tensor,
+    seeds: list[int],
+) -> tuple[torch.Tensor, int]:
+    """The quantized adversarial pixels of the images `idx` (clean: their uint8 pixels on the
+    device) and their largest distance to the clean ones, in levels."""
+    device = clean.device
+    # A targeted attack descends toward its aims; Admix needs each image's place in the whole
+    # data set to draw its partners among the others.
+    aim = data.aims if attack.targeted else data.labels
+    ids = [data.pool_index[i] for i in idx] if data.pool_index else None
+    adv = attack.perturb(
+        source.model,
+        clean.float() / 255.0,
+        aim[idx].to(device, non_blocking=True),
+        [seeds[i] for i in idx],
+        ids=ids,
+    )
+    return quantize_with_linf(adv, clean, attack.eps_levels)
+
+
+def _halved(batch_size: int, what: str) -> int:
+    """The crafting batch after an out-of-memory error (which changes no image's result)."""
+    if batch_size == 1:
+        raise UserError(
+            f"{what} does not fit in GPU memory even at batch size 1; free the GPU or use a "
+            f"smaller source."
+        ) from None
+    torch.cuda.empty_cache()
+    log.warning("Out of GPU memory: crafting batch size lowered to %d", batch_size // 2)
+    return max(1, batch_size // 2)
+
+
 def craft(
     *,
-    attack: Attack,
+    attack: MIFGSM,
     source: LoadedModel,
     data: ImageSet,
     manifest: Manifest,
@@ -122,29 +181,23 @@ def craft(
     device: torch.device,
     seed: int,
     progress: Progress,
-) -> CraftStats:
-    """Attack every image not yet saved and verified, writing `<stem>.png` into images_dir.
+    stats: CraftStats,
+) -> None:
+    """Attack every image not yet saved and verified, writing `<stem>.png` into images_dir;
+    `stats` counts as it goes (an interrupted run's record says what it did).
 
     Call inside `attack.source_context(source.model)`. Clean batches are decoded ahead on
     worker threads; a batch that runs out of GPU memory is retried in halves (results do not
     depend on the batch). Each PNG is renamed into place before its manifest line is written:
     a kill at any moment loses at most the images in flight.
     """
-    images_dir.mkdir(parents=True, exist_ok=True)
-    for stale in images_dir.glob(".*.tmp"):  # a killed run's unfinished writes (we hold the lock)
-        stale.unlink()
-    manifest.start()
-    done = manifest.verified(images_dir, data.stems)
-    todo = [i for i, stem in enumerate(data.stems) if stem not in done]
-    if done:
-        log.info("Resuming: %d of %d images already saved and verified", len(done), len(data))
+    todo = _todo(manifest, images_dir, data, stats)
     seeds = image_seeds(data.stems, seed)
-    task = progress.add_task(
-        f"crafting {attack.label} on {source.spec.key}", total=len(data), completed=len(done)
-    )
+    label = f"crafting {attack.label} on {source.spec.key}"
+    task = progress.add_task(label, total=len(data), completed=stats.resumed)
     writer = PngWriter(images_dir, manifest, max_pending=max(64, 2 * batch_size))
     pin = device.type == "cuda"
-    worst = 0
+    stats.batch_size = batch_size
     try:
         for chunk, decoded in batches(data.pixels, todo, batch_size):
             start = 0
@@ -152,40 +205,18 @@ def craft(
                 idx = chunk[start : start + batch_size]
                 clean_cpu = decoded[start : start + len(idx)]
                 clean = (clean_cpu.pin_memory() if pin else clean_cpu).to(device, non_blocking=True)
-                # A targeted attack descends toward its target labels; Admix needs each image's
-                # place in the whole data set to draw its partners among the others.
-                aim = data.targets if attack.targeted else data.labels
-                ids = [data.pool_index[i] for i in idx] if data.pool_index else None
                 try:
-                    adv = attack.perturb(
-                        source.model,
-                        clean.float() / 255.0,
-                        aim[idx].to(device, non_blocking=True),
-                        [seeds[i] for i in idx],
-                        ids=ids,
-                    )
-                    saved, linf = quantize_with_linf(adv, clean, attack.eps_levels)
+                    saved, linf = _attack(attack, source, data, idx, clean, seeds)
                 except torch.cuda.OutOfMemoryError:
-                    if batch_size == 1:
-                        raise UserError(
-                            f"{source.spec.key} with {attack.label} does not fit in GPU memory "
-                            f"even at batch size 1; free the GPU or use a smaller source."
-                        ) from None
-                    batch_size = max(1, batch_size // 2)
-                    torch.cuda.empty_cache()
-                    log.warning("Out of GPU memory: crafting batch size lowered to %d", batch_size)
+                    stats.batch_size = batch_size = _halved(
+                        batch_size, f"{source.spec.key} with {attack.label}"
+                    )
                     continue
-                worst = max(worst, linf)
+                stats.linf_levels_max = max(stats.linf_levels_max or 0, linf)
                 for i, img in zip(idx, saved.cpu(), strict=True):
                     writer.submit(data.stems[i], img)
                 progress.advance(task, len(idx))
                 start += len(idx)
+                stats.attacked += len(idx)
     finally:
         writer.close()
-    return CraftStats(
-        attacked=len(todo),
-        resumed=len(done),
-        batch_size=batch_size,
-        png_compress_level=PNG_COMPRESS_LEVEL,
-        linf_levels_max=worst,
-    )

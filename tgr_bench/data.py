@@ -18,10 +18,21 @@ from typing import Any
 
 import torch
 
-from tgr_bench.errors import UserError, flag
+from tgr_bench import schema
+from tgr_bench.errors import UserError
 from tgr_bench.pixels import FilePixels, Pixels, SyntheticPixels, inspect_files, read_image
 
-__all__ = ["DataSpec", "ImageSet", "load_dataset", "load_folder", "read_image", "synthetic"]
+__all__ = [
+    "DataSpec",
+    "FolderData",
+    "ImageSet",
+    "SyntheticData",
+    "data_spec",
+    "load_dataset",
+    "load_folder",
+    "read_image",
+    "synthetic",
+]
 
 log = logging.getLogger(__name__)
 
@@ -31,68 +42,72 @@ CSV_LABELS = "labels.csv"
 NUM_CLASSES = 1000
 
 
-DATA_KINDS = ("folder", "synthetic")
+@dataclass(frozen=True)
+class Selection:
+    """Which of a data set's images a run attacks: the keys every data layout has."""
+
+    kind: str = schema.key("folder")
+    limit: int | None = schema.key(None, low=1, help="only the first N images (sorted by name)")
+    num_shards: int = schema.key(1, low=1, help="split the set into N shards (every N-th image)")
+    shard: int = schema.key(0, low=0, help="... and attack shard i (0..N-1)")
+    only_present: bool = schema.key(
+        False, help="adv_dir evaluations: only the clean images every folder has (counted)"
+    )
+
+    def check(self, where: str) -> None:
+        if self.shard >= self.num_shards:
+            raise UserError(
+                f"{where}.shard={self.shard!r}: need an int in 0..{self.num_shards - 1}."
+            )
+
+    @property
+    def shard_of(self) -> tuple[int, int] | None:
+        return (self.shard, self.num_shards) if self.num_shards > 1 else None
 
 
 @dataclass(frozen=True)
-class DataSpec:
-    """Which images a run attacks: the validated `data` config group."""
+class FolderData(Selection):
+    """data=folder: clean images in a folder; the layout is detected (labels.csv in it, or the
+    TGR set: clean_resized_images/ + image_name_to_class_id_and_name.json beside or above)."""
 
-    kind: str = "folder"
-    root: str | None = None
-    limit: int | None = None
-    num_shards: int = 1
-    shard: int = 0
-    allow_unlabeled: bool = False  # skip (and count) images that have no label instead of failing
-    only_present: bool = False  # adv_dir: evaluate the clean images every folder has, not all
-    n: int = 8  # synthetic
-    size: int = 224
-    seed: int = 0
-    labels: str = "random"  # synthetic: random | source (the source's clean prediction)
+    kind: str = schema.key("folder", options=("folder",))
+    root: str | None = schema.key(None, help="required: data.root=/path/to/clean_images")
+    allow_unlabeled: bool = schema.key(
+        False, help="true: skip images without a label (counted in the summary and run.json)"
+    )
 
-    @classmethod
-    def from_cfg(cls, cfg: Any) -> DataSpec:
-        d = dict(cfg or {})
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise UserError(
-                f"data has no keys {sorted(unknown)}; valid keys: "
-                f"{', '.join(cls.__dataclass_fields__)}."
-            )
-        spec = cls(**d)
-        if spec.kind not in DATA_KINDS:
-            raise UserError(f"Unknown data.kind {spec.kind!r}; use one of {list(DATA_KINDS)}.")
-        for name in ("num_shards", "n", "size"):
-            value = getattr(spec, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UserError(f"data.{name}={value!r}: need an int >= 1.")
-        if spec.limit is not None and (
-            isinstance(spec.limit, bool) or not isinstance(spec.limit, int) or spec.limit < 1
-        ):
-            raise UserError(f"data.limit must be a positive number of images, got {spec.limit}.")
-        if isinstance(spec.shard, bool) or not isinstance(spec.shard, int):
-            raise UserError(f"data.shard={spec.shard!r}: need an int in 0..{spec.num_shards - 1}.")
-        if not 0 <= spec.shard < spec.num_shards:
-            raise UserError(f"data.shard={spec.shard!r}: need an int in 0..{spec.num_shards - 1}.")
-        flag("data.allow_unlabeled", spec.allow_unlabeled)
-        flag("data.only_present", spec.only_present)
-        if spec.labels not in ("random", "source"):
-            raise UserError(f"data.labels={spec.labels!r}: choose random or source.")
-        if spec.kind == "folder" and not spec.root:
+    def check(self, where: str) -> None:
+        super().check(where)
+        if not self.root:
             raise UserError(
                 "data.root is not set. Pass data.root=<folder of clean images> (with labels.csv "
                 "or image_name_to_class_id_and_name.json), or try the offline smoke run: "
                 "tgr-bench experiment=smoke."
             )
-        return spec
 
     def identity(self) -> dict[str, Any]:
         """The selection, without the shard (a run's identity carries the shard separately, so
         that shards of one selection merge)."""
-        if self.kind == "folder":
-            root = str(Path(str(self.root)).expanduser().resolve())
-            selection = {"kind": "folder", "root": root, "limit": self.limit}
-            return selection | ({"only_present": True} if self.only_present else {})
+        root = str(Path(str(self.root)).expanduser().resolve())
+        selection = {"kind": "folder", "root": root, "limit": self.limit}
+        return selection | ({"only_present": True} if self.only_present else {})
+
+
+@dataclass(frozen=True)
+class SyntheticData(Selection):
+    """data=synthetic: smooth random images generated in memory (offline smoke runs, tests)."""
+
+    kind: str = schema.key("synthetic", options=("synthetic",))
+    n: int = schema.key(8, low=1)
+    size: int = schema.key(224, low=1)
+    seed: int = schema.key(0, low=0)
+    labels: str = schema.key(
+        "random",
+        options=("random", "source"),
+        help="random | source (the source model's clean prediction: smoke runs)",
+    )
+
+    def identity(self) -> dict[str, Any]:
         return {
             "kind": "synthetic",
             "n": self.n,
@@ -102,9 +117,18 @@ class DataSpec:
             "limit": self.limit,
         }
 
-    @property
-    def shard_of(self) -> tuple[int, int] | None:
-        return (self.shard, self.num_shards) if self.num_shards > 1 else None
+
+DataSpec = FolderData | SyntheticData
+DATA_KINDS: dict[str, type[Selection]] = {"folder": FolderData, "synthetic": SyntheticData}
+
+
+def data_spec(raw: Any, where: str = "data") -> DataSpec:
+    """The checked `data` group: its `kind` picks the declaration."""
+    values = dict(schema.plain(raw) or {})
+    kind = values.get("kind", "folder")
+    if kind not in DATA_KINDS:
+        raise UserError(f"Unknown data.kind {kind!r}; use one of {list(DATA_KINDS)}.")
+    return schema.parse(DATA_KINDS[kind], values, where)  # type: ignore[return-value]
 
 
 @dataclass
@@ -120,8 +144,8 @@ class ImageSet:
     file_sha256: list[str] | None = None  # folder sets: each file's hash, from the check
     # The target labels of a targeted run (set by the pipeline, then part of the digest), and
     # labels.csv's raw `target` cells, read and checked only when a targeted run asks for them.
-    targets: torch.Tensor | None = None
-    target_column: list[str] | None = None
+    aims: torch.Tensor | None = None
+    aim_column: list[str] | None = None
     # The whole data set in listing order, before data.limit and sharding, and each image's
     # place in it: Admix mixes in other clean images from there, so shards equal the whole run.
     pool: Pixels | None = None
@@ -139,8 +163,9 @@ class ImageSet:
         if self._digest is None:
             h = hashlib.sha256("\n".join(self.stems).encode())
             h.update(self.labels.numpy().tobytes())
-            if self.targets is not None:
-                h.update(b"targets" + self.targets.numpy().tobytes())
+            if self.aims is not None:
+                # b"targets" tags the aims in every data digest that manifests compare.
+                h.update(b"targets" + self.aims.numpy().tobytes())
             if self.pool_sha256 is not None:
                 h.update(b"pool" + self.pool_sha256.encode())
             if self.file_sha256 is not None:
@@ -155,18 +180,18 @@ class ImageSet:
     def with_labels(self, labels: torch.Tensor) -> ImageSet:
         return replace(self, labels=labels, _digest=None)
 
-    def with_targets(self, targets: torch.Tensor) -> ImageSet:
-        return replace(self, targets=targets, _digest=None)
+    def with_aims(self, aims: torch.Tensor) -> ImageSet:
+        return replace(self, aims=aims, _digest=None)
 
-    def column_targets(self) -> torch.Tensor | None:
+    def column_aims(self) -> torch.Tensor | None:
         """labels.csv's `target` column for these images, checked (None without the column)."""
-        if self.target_column is None:
+        if self.aim_column is None:
             return None
         where = f"{CSV_LABELS} of {self.root}"
         return torch.tensor(
             [
                 check_label(v, f"the target of {stem} in {where}")
-                for stem, v in zip(self.stems, self.target_column, strict=True)
+                for stem, v in zip(self.stems, self.aim_column, strict=True)
             ],
             dtype=torch.int64,
         )
@@ -206,8 +231,8 @@ class ImageSet:
             pixels=self.pixels.subset(idx),
             shard=shard,
             file_sha256=[self.file_sha256[i] for i in idx] if self.file_sha256 else None,
-            targets=self.targets[idx] if self.targets is not None else None,
-            target_column=[self.target_column[i] for i in idx] if self.target_column else None,
+            aims=self.aims[idx] if self.aims is not None else None,
+            aim_column=[self.aim_column[i] for i in idx] if self.aim_column else None,
             pool_index=[self.pool_index[i] for i in idx] if self.pool_index else None,
             _digest=None,
         )
@@ -285,7 +310,7 @@ def csv_rows(label_file: Path) -> tuple[list[str], list[dict[str, str]]]:
     return header, rows
 
 
-def _read_target_column(label_file: Path) -> dict[str, str]:
+def _read_aim_column(label_file: Path) -> dict[str, str]:
     """The optional `target` column of labels.csv, raw (stem -> cell): checked only by a
     targeted run that uses it, so an untargeted run never depends on it."""
     header, rows = csv_rows(label_file)
@@ -328,15 +353,10 @@ def shard_indices(n: int, num_shards: int, shard: int) -> list[int]:
     return list(range(shard, n, num_shards))
 
 
-def load_folder(
-    root: str | Path,
-    limit: int | None = None,
-    num_shards: int = 1,
-    shard: int = 0,
-    allow_unlabeled: bool = False,
-) -> ImageSet:
-    root = Path(root).expanduser()
-    layout, folder, label_file = detect_layout(root)
+def _labelled(
+    layout: str, folder: Path, label_file: Path, allow_unlabeled: bool
+) -> tuple[list[str], dict[str, int], dict[str, Path], int]:
+    """(every labelled image's stem in order, labels, image paths, images skipped unlabelled)."""
     labels = _read_labels(layout, label_file)
     images = _images_by_stem(folder)
     if not images:
@@ -350,35 +370,23 @@ def load_folder(
         )
     if unlabeled:
         log.warning("%d images without a label in %s are skipped", len(unlabeled), label_file)
-    if layout == "csv":
-        missing = sorted(set(labels) - set(images))
-        if missing:
-            raise UserError(
-                f"{len(missing)} files listed in {label_file} are missing from {folder}, e.g. "
-                f"{missing[:3]}."
-            )
-        stems = sorted(labels)
-    else:
-        extra = sorted(set(labels) - set(images))
-        if extra:  # the authors' json lists the whole set; a subset folder is legitimate
-            log.warning(
-                "%d label entries have no image in %s (e.g. %s); they are ignored",
-                len(extra),
-                folder,
-                extra[:3],
-            )
-        stems = sorted(set(images) & set(labels))
-    listing = stems  # the whole set in order, before limit and sharding (Admix's partners)
-    if limit is not None:
-        stems = stems[: int(limit)]
-    stems = [stems[i] for i in shard_indices(len(stems), num_shards, shard)]
-    if not stems:
+    missing = sorted(set(labels) - set(images))
+    if missing and layout == "csv":
         raise UserError(
-            f"Shard {shard}/{num_shards} of {folder} holds no images: use at most "
-            f"{min(len(listing), limit or len(listing))} shards."
+            f"{len(missing)} files listed in {label_file} are missing from {folder}, e.g. "
+            f"{missing[:3]}."
         )
-    paths = [images[s] for s in stems]
-    infos = inspect_files(paths)
+    if missing:  # the authors' json lists the whole set; a subset folder is legitimate
+        log.warning(
+            "%d label entries have no image in %s (e.g. %s); they are ignored",
+            len(missing),
+            folder,
+            missing[:3],
+        )
+    return sorted(set(images) & set(labels)), labels, images, len(unlabeled)
+
+
+def _one_size(folder: Path, stems: list[str], infos: list[Any]) -> tuple[int, int]:
     sizes = {info.size for info in infos}
     if len(sizes) > 1:
         odd = next(s for s, i in zip(stems, infos, strict=True) if i.size != infos[0].size)
@@ -386,7 +394,30 @@ def load_folder(
             f"Images in {folder} differ in size ({sorted(sizes)}; e.g. {odd!r} vs {stems[0]!r}). "
             f"The protocol stores every image at one size (224x224); resize the set first."
         )
-    column = _read_target_column(label_file) if layout == "csv" else {}
+    return infos[0].size
+
+
+def load_folder(
+    root: str | Path,
+    limit: int | None = None,
+    num_shards: int = 1,
+    shard: int = 0,
+    allow_unlabeled: bool = False,
+) -> ImageSet:
+    root = Path(root).expanduser()
+    layout, folder, label_file = detect_layout(root)
+    # The whole set in order, before limit and sharding: Admix draws its partners from it.
+    listing, labels, images, skipped = _labelled(layout, folder, label_file, allow_unlabeled)
+    chosen = listing[:limit] if limit is not None else listing
+    stems = [chosen[i] for i in shard_indices(len(chosen), num_shards, shard)]
+    if not stems:
+        raise UserError(
+            f"Shard {shard}/{num_shards} of {folder} holds no images: use at most "
+            f"{len(chosen)} shards."
+        )
+    paths = [images[s] for s in stems]
+    infos = inspect_files(paths)
+    column = _read_aim_column(label_file) if layout == "csv" else {}
     position = {s: i for i, s in enumerate(listing)}
     return ImageSet(
         stems=stems,
@@ -394,11 +425,11 @@ def load_folder(
         pixels=FilePixels(paths),
         root=str(root.resolve()),
         layout=layout,
-        size=infos[0].size,
+        size=_one_size(folder, stems, infos),
         shard=f"{shard}/{num_shards}" if num_shards > 1 else None,
-        unlabeled_skipped=len(unlabeled),
+        unlabeled_skipped=skipped,
         file_sha256=[i.sha256 for i in infos],
-        target_column=[column[s] for s in stems] if column else None,
+        aim_column=[column[s] for s in stems] if column else None,
         pool=FilePixels([images[s] for s in listing]),
         pool_index=[position[s] for s in stems],
     )
@@ -423,7 +454,7 @@ def synthetic(n: int, size: int = 224, seed: int = 0) -> ImageSet:
 
 
 def load_dataset(spec: DataSpec) -> ImageSet:
-    if spec.kind == "synthetic":
+    if isinstance(spec, SyntheticData):
         n = min(spec.n, spec.limit) if spec.limit is not None else spec.n
         full = synthetic(n, spec.size, spec.seed)
         if n < spec.n:  # Admix's partners: all spec.n images (the first n pixels are the same)
@@ -440,20 +471,23 @@ def load_dataset(spec: DataSpec) -> ImageSet:
     return load_folder(spec.root, spec.limit, spec.num_shards, spec.shard, spec.allow_unlabeled)
 
 
-def present_stems(folder: str | Path) -> set[str]:
-    """The image names a folder holds (for data.only_present)."""
+def adversarial_folder(folder: str | Path) -> Path:
+    """A folder of adversarial images given with adv_dir=, which must exist."""
     path = Path(folder).expanduser()
     if not path.is_dir():
         raise UserError(f"Adversarial folder {path} does not exist (adv_dir=...).")
-    return set(_images_by_stem(path))
+    return path
+
+
+def present_stems(folder: str | Path) -> set[str]:
+    """The image names a folder holds (for data.only_present)."""
+    return set(_images_by_stem(adversarial_folder(folder)))
 
 
 def adversarial_pixels(folder: str | Path, clean: ImageSet) -> FilePixels:
     """The adversarial images `<folder>/<clean stem>.png` of every clean image, checked like
     clean ones (present, readable, the clean image's size) and decoded on demand."""
-    folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        raise UserError(f"Adversarial folder {folder} does not exist (adv_dir=...).")
+    folder = adversarial_folder(folder)
     found = _images_by_stem(folder)
     missing = [s for s in clean.stems if s not in found]
     if missing:

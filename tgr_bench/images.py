@@ -1,4 +1,6 @@
-"""Adversarial images to 8-bit PNGs that provably stay within eps of the clean pixels."""
+"""Adversarial images to 8-bit PNGs that provably stay within eps of the clean pixels: the
+rounding and projection, the PNG encoding, and the L-inf checks, on the tensors a run saves and
+on the files read back."""
 
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ import torch
 from PIL import Image
 
 from tgr_bench.atomic import atomic_write
+from tgr_bench.pixels import Pixels, batches
+from tgr_bench.record import CraftStats
 
 
 def linf_levels(a: torch.Tensor, b: torch.Tensor) -> int:
@@ -46,8 +50,8 @@ def quantize(adv: torch.Tensor, clean: torch.Tensor, eps_levels: float) -> torch
 
 # zlib level of the saved PNGs (lossless at every level). Measured on 224x224 adversarial images
 # (docs/benchmarks.md): levels 1-9 all give about 107-112 KiB, and level 6 (PIL's default)
-# costs about 6-8 ms per image against 5 ms at level 1; 6 keeps the files' bytes (and hence the
-# manifests' hashes) those of earlier tgr-bench versions. Recorded in run.json.
+# costs about 6-8 ms per image against 5 ms at level 1; 6 is the level every saved set and its
+# manifest hashes use, so sets made anywhere compare byte for byte. Recorded in run.json.
 PNG_COMPRESS_LEVEL = 6
 
 
@@ -61,3 +65,26 @@ def encode_png(image: torch.Tensor) -> bytes:
 def save_png(image: torch.Tensor, path: Path) -> None:
     """Write (3,H,W) uint8 as PNG atomically: a crash never leaves a partial file at `path`."""
     atomic_write(path, encode_png(image))
+
+
+def linf_levels_max(clean: Pixels, saved: list[Pixels], batch_size: int = 64) -> int:
+    """The largest |adversarial - clean| over every pixel of every set, read back from the
+    files: the saved PNGs, not what the attack meant to save, are checked against eps."""
+    worst = 0
+    everything = range(len(clean))
+    for pixels in saved:
+        pairs = zip(
+            batches(clean, everything, batch_size),
+            batches(pixels, everything, batch_size),
+            strict=True,
+        )
+        for (_, a), (_, b) in pairs:
+            worst = max(worst, linf_levels(b, a))
+    return worst
+
+
+def check_saved(stats: CraftStats, clean: Pixels, saved: list[Pixels], crafted_here: bool) -> None:
+    """Record the L-inf distance of images this process did not quantize itself (resumed ones,
+    or folders given to evaluate): they are read back and measured."""
+    if not crafted_here or stats.resumed:
+        stats.linf_levels_max = max(stats.linf_levels_max or 0, linf_levels_max(clean, saved))

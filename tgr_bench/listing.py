@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import argparse
 
-from hydra import compose, initialize_config_module
 from rich.console import Console
 from rich.table import Table
 
 from tgr_bench.attacks import build_attack
+from tgr_bench.attacks.architectures import source_family
 from tgr_bench.attacks.base import TARGET_MODES
 from tgr_bench.attacks.modifiers import MODIFIERS
-from tgr_bench.catalogue import CONFIG_MODULE, choices, model_keys, model_spec
-from tgr_bench.models import ModelSpec
+from tgr_bench.catalogue import model_keys, model_spec
+from tgr_bench.config import choices, compose
+from tgr_bench.entry import main_of
 
 PAPERS = {
     "patchout": "PatchOut: Wei et al., AAAI 2022",
@@ -29,6 +30,10 @@ def main(argv: list[str] | None = None) -> None:
         prog="tgr-bench-list",
         description="Every attack with its defaults and paper, the modifiers, and every model key.",
     ).parse_args(argv)  # no options: anything else is an error, not silently ignored
+    main_of("tgr-bench-list", show)
+
+
+def show() -> None:
     console = Console()
     attacks = Table(title="attacks (attack=<name>)", show_lines=True)
     for col in ("attack", "reference", "defaults"):
@@ -36,16 +41,14 @@ def main(argv: list[str] | None = None) -> None:
     sources = Table(title="models (source=<key>, targets=vits|cnns|defended|paper|smoke|none)")
     for col in ("key", "timm model and weights", "weights"):
         sources.add_column(col)
-    with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
-        for choice in choices("attack"):
-            cfg = compose("config", overrides=[f"attack={choice}"])
-            # Defaults as they resolve on the default source (the paper's ViT-B/16).
-            attack = build_attack(cfg.attack, ModelSpec.from_cfg(cfg.source).arch, cfg.source.key)
-            params = attack.params()
-            attacks.add_row(
-                choice, attack.reference, " ".join(f"{k}={v}" for k, v in params.items())
-            )
-        base = compose("config", overrides=["attack=mi"]).attack
+    for choice in choices("attack"):
+        cfg = compose([f"attack={choice}"])
+        # Defaults as they resolve on the default source (the paper's ViT-B/16).
+        source = model_spec(cfg.source.key)
+        attack = build_attack(cfg.attack, source_family(source.arch), source.key)
+        params = attack.params()
+        attacks.add_row(choice, attack.reference, " ".join(f"{k}={v}" for k, v in params.items()))
+    base = compose(["attack=mi"]).attack
     modifiers = Table(
         title="modifiers of every attack (attack.<name>.enabled=true) and targeted mode"
     )

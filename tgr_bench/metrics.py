@@ -25,7 +25,7 @@ def counts(
     labels: torch.Tensor,
     clean_pred: torch.Tensor,
     adv_pred: torch.Tensor,
-    target_labels: torch.Tensor | None = None,
+    aims: torch.Tensor | None = None,
 ) -> dict:
     """Integer counts for one target on one set (all tensors on the host, same length); a
     targeted set also counts the images classified as their target label (else None)."""
@@ -36,7 +36,7 @@ def counts(
         "n_fooled": int(fooled.sum()),
         "n_clean_correct": int(correct.sum()),
         "n_fooled_on_correct": int((fooled & correct).sum()),
-        "n_target_hit": None if target_labels is None else int((adv_pred == target_labels).sum()),
+        "n_target_hit": None if aims is None else int((adv_pred == aims).sum()),
     }
 
 

@@ -11,12 +11,11 @@ nowhere (`pretrained: false`, seeded random weights, for the tiny test models).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import socket
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -24,10 +23,11 @@ from urllib.parse import urlparse
 import timm
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from torch import nn
 
+from tgr_bench import schema
 from tgr_bench.errors import UserError
+from tgr_bench.hashing import sha256_file
 from tgr_bench.tfslim import FILES as TFSLIM_FILES
 from tgr_bench.tfslim import build_network as build_tfslim_network
 from tgr_bench.tfslim import is_tf2torch_file
@@ -52,60 +52,74 @@ TF2TORCH_SOURCE = (
 TFSLIM_INPUT = {"input_size": (3, 299, 299), "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
 
 
+def _checkpoint(name: str, value: Any) -> str | None:
+    """A weight file path; an empty value (an unset shell variable) means none."""
+    if value in ("", None):
+        return None
+    if isinstance(value, bool | dict | list):
+        raise UserError(f"{name}={value!r}: need the path of a weight file.")
+    return str(value)
+
+
 @dataclass(frozen=True)
 class ModelSpec:
-    """One model entry of a `source/` or `targets/` config."""
+    """One model entry of the catalogue (`conf/source/<key>.yaml`, also a target): a file
+    states only what differs from these defaults."""
 
-    key: str
-    # timm name with weight tag, e.g. vit_base_patch16_224.augreg_in21k_ft_in1k; None for a
-    # network that exists only as converted TF-slim weights (Res-v2-101, Inc-v3-ens3/4).
-    model: str | None = None
-    tfslim: str | None = None  # the TF-slim key (tgr_bench.tfslim.FILES) whose files fit it
-    pretrained: bool = True
-    checkpoint: str | None = None
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    # A relative of another model (offline smoke targets): the seeded random weights of the key
-    # `copy_of`, plus Gaussian noise of `noise` times each tensor's standard deviation.
-    copy_of: str | None = None
-    noise: float = 0.0
-    mean: tuple[float, ...] | None = None  # None: from the tag's pretrained config
-    std: tuple[float, ...] | None = None
-    input_size: int | None = None
+    key: str = schema.key("", help="the catalogue key (the file name), e.g. vit_base")
+    model: str | None = schema.key(
+        None, help="timm name with weight tag, e.g. vit_base_patch16_224.augreg_in21k_ft_in1k"
+    )
+    tfslim: str | None = schema.key(
+        None, help="TF-slim key whose converted weights (.npy) fit it: used with tf2torch_dir="
+    )
+    pretrained: bool = schema.key(True, help="false: seeded random weights (tiny test models)")
+    checkpoint: str | None = schema.key(
+        None,
+        parse=_checkpoint,
+        help="a local file instead: a timm state dict, or converted TF-slim weights",
+    )
+    kwargs: dict[str, Any] = schema.key(
+        {}, help="extra timm.create_model arguments (tiny test architectures)"
+    )
+    copy_of: str | None = schema.key(
+        None, help="a relative of this key: its seeded random weights plus noise (smoke)"
+    )
+    noise: float = schema.key(
+        0.0, low=0, help="... Gaussian, this many times each tensor's standard deviation"
+    )
+    mean: tuple[float, ...] | None = schema.key(
+        None, help="null: from the weight tag's pretrained config"
+    )
+    std: tuple[float, ...] | None = schema.key(None)
+    input_size: int | None = schema.key(None, low=1)
 
-    @classmethod
-    def from_cfg(cls, cfg: Any) -> ModelSpec:
-        d = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
-        unknown = set(d) - {f for f in cls.__dataclass_fields__}
-        if unknown:
+    def check(self, where: str) -> None:
+        if not self.key:
+            raise UserError(f"{where}.key is empty: a model entry names its catalogue key.")
+        if self.model is None and self.tfslim is None:
             raise UserError(
-                f"Model entry {d.get('key', '?')!r} has unknown fields {sorted(unknown)}; "
-                f"valid fields are {sorted(cls.__dataclass_fields__)}."
+                f"Model entry {self.key!r} names neither a timm model (model=) nor TF-slim "
+                f"weights (tfslim=); see tgr-bench-list."
             )
-        for name in ("mean", "std"):
-            if d.get(name) is not None:
-                d[name] = tuple(float(v) for v in d[name])
-        d["kwargs"] = dict(d.get("kwargs") or {})
-        if d.get("checkpoint") in ("", None):
-            d["checkpoint"] = None
-        else:
-            d["checkpoint"] = str(d["checkpoint"])
-        spec = cls(**d)
-        if spec.model is None and spec.tfslim is None:
+        if self.copy_of is not None and (self.pretrained or self.checkpoint or self.tfslim):
             raise UserError(
-                f"Model entry {spec.key!r} names neither a timm model (model=) nor TF-slim "
-                f"weights (tfslim=); see conf/schema/model.yaml."
-            )
-        if spec.copy_of is not None and (spec.pretrained or spec.checkpoint or spec.tfslim):
-            raise UserError(
-                f"Model entry {spec.key!r}: copy_of= derives from seeded random weights only "
+                f"Model entry {self.key!r}: copy_of= derives from seeded random weights only "
                 f"(pretrained: false, no checkpoint, no tfslim)."
             )
-        if spec.tfslim is not None and spec.tfslim not in TFSLIM_FILES:
+        if self.tfslim is not None and self.tfslim not in TFSLIM_FILES:
             raise UserError(
-                f"Model entry {spec.key!r}: tfslim={spec.tfslim!r} is not a TF-slim key; the "
+                f"Model entry {self.key!r}: tfslim={self.tfslim!r} is not a TF-slim key; the "
                 f"keys are {', '.join(TFSLIM_FILES)}."
             )
-        return spec
+
+    @classmethod
+    def of(cls, entry: Any, key: str | None = None, where: str = "source") -> ModelSpec:
+        """A checked entry from a config mapping; `key` names it (a target's key in targets=)."""
+        values = dict(schema.plain(entry))
+        if key is not None:
+            values["key"] = key
+        return schema.parse(cls, values, where)
 
     @property
     def arch(self) -> str:
@@ -131,7 +145,7 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
-class Weights:
+class WeightFile:
     """Where a model's weights come from, recorded in run.json."""
 
     kind: str  # "checkpoint" | "hub" | "tf2torch" | "random"
@@ -164,14 +178,6 @@ def pretrained_cfg(spec: ModelSpec) -> dict[str, Any]:
     if cfg is None:
         cfg = timm.models.get_pretrained_cfg(arch)
     return cfg.to_dict() if cfg is not None else {}
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -224,16 +230,16 @@ def tf2torch_file(folder: str | os.PathLike[str], spec: ModelSpec) -> Path:
     )
 
 
-def _tf2torch_weights(path: Path, spec: ModelSpec) -> Weights:
+def _tf2torch_weights(path: Path, spec: ModelSpec) -> WeightFile:
     if spec.tfslim is None:
         raise UserError(
             f"{path} holds converted TF-slim weights, but {spec.key!r} is the timm model "
             f"{spec.model}; TF-slim weights fit the keys {', '.join(TFSLIM_FILES)}."
         )
-    return Weights("tf2torch", str(path.absolute()), sha256_file(path))
+    return WeightFile("tf2torch", str(path.absolute()), sha256_file(path))
 
 
-def resolve_weights(spec: ModelSpec, tf2torch_dir: str | None = None) -> Weights:
+def resolve_weights(spec: ModelSpec, tf2torch_dir: str | None = None) -> WeightFile:
     """Find (or download) the weight file for `spec` without building the model. A model's own
     `checkpoint=` wins over `tf2torch_dir`; its format is read from its content."""
     if spec.checkpoint is not None:
@@ -251,11 +257,11 @@ def resolve_weights(spec: ModelSpec, tf2torch_dir: str | None = None) -> Weights
                 f"{TFSLIM_FILES[str(spec.tfslim)].released_name} from {TF2TORCH_SOURCE}, or its "
                 f"conversion by `tgr-bench-prepare convert-tf2torch`)."
             )
-        return Weights("checkpoint", str(path.resolve()), sha256_file(path))
+        return WeightFile("checkpoint", str(path.resolve()), sha256_file(path))
     if tf2torch_dir and spec.tfslim is not None:
         return _tf2torch_weights(tf2torch_file(tf2torch_dir, spec), spec)
     if not spec.pretrained:
-        return Weights("random")
+        return WeightFile("random")
     if spec.model is None:
         names = TFSLIM_FILES[str(spec.tfslim)]
         raise MissingCheckpoint(
@@ -280,7 +286,7 @@ def resolve_weights(spec: ModelSpec, tf2torch_dir: str | None = None) -> Weights
     for fname in _HUB_FILENAMES:
         hit = try_to_load_from_cache(repo, fname, revision=revision)
         if isinstance(hit, str):
-            return Weights("hub", hit, sha256_file(hit), _snapshot_of(hit))
+            return WeightFile("hub", hit, sha256_file(hit), _snapshot_of(hit))
     # Not cached: hf_hub_download retries for ~45 s when offline, so probe the endpoint first.
     if not _hub_reachable():
         raise UserError(_no_network_message(spec, repo))
@@ -291,7 +297,7 @@ def resolve_weights(spec: ModelSpec, tf2torch_dir: str | None = None) -> Weights
             continue
         except Exception as e:  # network drops, auth, disk: all end the same way for the user
             raise UserError(f"{_no_network_message(spec, repo)} (download failed: {e})") from e
-        return Weights("hub", path, sha256_file(path), _snapshot_of(path))
+        return WeightFile("hub", path, sha256_file(path), _snapshot_of(path))
     raise UserError(f"Hub repository {repo} has none of {_HUB_FILENAMES} for {spec.key!r}.")
 
 
@@ -352,7 +358,7 @@ def _load_into(net: nn.Module, spec: ModelSpec, path: str) -> None:
         )
 
 
-def _tfslim_network(spec: ModelSpec, weights: Weights, seed: int) -> nn.Module:
+def _tfslim_network(spec: ModelSpec, weights: WeightFile, seed: int) -> nn.Module:
     """The TF-slim network of `spec`: from its converted file (read without running any pickle
     code), or with seeded random weights in the files' own layout (tests and benchmarks). These
     weights never pass through timm: they keep their 1001 classes (label_offset = 1)."""
@@ -373,7 +379,7 @@ def _add_noise(net: nn.Module, scale: float, seed: int) -> None:
             p.add_(torch.randn(p.shape, generator=g) * (scale * float(p.std())))
 
 
-def _create(spec: ModelSpec, weights: Weights) -> nn.Module:
+def _create(spec: ModelSpec, weights: WeightFile) -> nn.Module:
     """The timm network with `weights`. Hub weights go through timm's own pretrained path (its
     per-model checkpoint filters and label offsets apply); the file is read here, from the local
     cache, so timm never reaches for the network."""
@@ -445,7 +451,7 @@ class PixelModel(nn.Module):
 @dataclass
 class LoadedModel:
     spec: ModelSpec
-    weights: Weights
+    weights: WeightFile
     model: PixelModel
 
     def provenance(self) -> dict[str, Any]:
@@ -467,7 +473,7 @@ class LoadedModel:
 
 
 def build_model(
-    spec: ModelSpec, weights: Weights, device: torch.device | str, seed: int = 0
+    spec: ModelSpec, weights: WeightFile, device: torch.device | str, seed: int = 0
 ) -> LoadedModel:
     """Create the architecture (timm, or TF-slim for converted TF-slim weights), load `weights`
     into it, wrap it for [0,1] pixels, eval().

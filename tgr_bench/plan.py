@@ -1,98 +1,169 @@
-"""From a composed config to the validated plan of one run.
+"""From a composed config to the validated plan of one run, in two steps:
 
-Every input error (unknown model, bad attack setting, missing data, missing weights) surfaces
-here, before the run directory is touched. Nothing is written; the only heavy work is reading
-the clean images.
+- `resolve(cfg)`: the config into typed, validated specs (root settings, data selection, source
+  and target model entries, the attack built with the source's family) and the run's identity.
+  Pure: no file is read. The default run directory (the CLI's resolver) and `make_plan` share
+  one resolution per config, so a run's config is resolved exactly once.
+- `make_plan(cfg, out_dir)`: the specs plus what they point to: the runtime on this machine,
+  the clean images (checked), the weight files, the folders to evaluate.
+
+Every input error surfaces here, before the run directory is touched. Nothing below the plan
+reads the raw config.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from omegaconf import OmegaConf
 
 from tgr_bench.advsets import describe_folder
-from tgr_bench.attacks import Attack, build_attack
-from tgr_bench.data import DataSpec, ImageSet, load_dataset, present_stems
+from tgr_bench.attacks import MIFGSM, build_attack
+from tgr_bench.attacks.architectures import source_family
+from tgr_bench.data import DataSpec, ImageSet, data_spec, load_dataset, present_stems
 from tgr_bench.errors import UserError
+from tgr_bench.hashing import digest
 from tgr_bench.models import (
     MissingCheckpoint,
     ModelSpec,
-    Weights,
+    WeightFile,
     check_model_name,
     resolve_weights,
 )
 from tgr_bench.record import AdvSetInfo, Identity
-from tgr_bench.settings import Runtime
+from tgr_bench.schema import parse, plain
+from tgr_bench.settings import RunSettings, Runtime
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# The nodes of a composed config that are groups, not root keys.
+GROUP_NODES = ("attack", "source", "targets", "data", "attack_overrides", "hydra")
 
 
-def _container(value: Any) -> Any:
-    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+def root_settings(cls: type, config: dict[str, Any]) -> Any:
+    """The root keys of a composed config (plain values), checked against `cls`."""
+    return parse(cls, {k: v for k, v in config.items() if k not in GROUP_NODES}, "")
 
 
-def adv_dirs(cfg: Any) -> list[str]:
-    value = _container(cfg.get("adv_dir"))
-    if not value:
-        return []
-    return [str(value)] if isinstance(value, str) else [str(v) for v in value]
+@dataclass(frozen=True)
+class RunSpec:
+    """A run's config, resolved: what its images and tables are a function of."""
+
+    config: dict[str, Any]  # the composed config, plain (run.json)
+    settings: RunSettings
+    data: DataSpec
+    source: ModelSpec | None  # None: an evaluation of existing folders (adv_dir)
+    attack: MIFGSM | None
+    targets: tuple[ModelSpec, ...]
+    identity: Identity
+
+    @property
+    def adv_dir(self) -> tuple[str, ...]:
+        return self.settings.adv_dir or ()
 
 
-def identity_of(cfg: Any) -> Identity:
-    """The identity of the run `cfg` describes, from resolved values only (see record.py)."""
-    data = DataSpec.from_cfg(_container(cfg.data))
-    folders = adv_dirs(cfg)
+def _identity(settings: RunSettings, data: DataSpec, source: Any, attack: Any) -> Identity:
     common = {
         "data": data.identity(),
-        "seed": int(cfg.get("seed", 0)),
-        "precision": str(cfg.get("precision", "fp32")),
+        "seed": settings.seed,
+        "precision": settings.precision,
         "shard": data.shard_of,
     }
-    if folders:
-        resolved = tuple(str(Path(f).expanduser().resolve()) for f in folders)
-        return Identity(source=None, attack=None, params={}, adv_dir=resolved, **common)
-    source = ModelSpec.from_cfg(cfg.source)
-    attack = build_attack(cfg.attack, source.arch, source.key)
+    if settings.adv_dir:
+        folders = tuple(str(Path(f).expanduser().resolve()) for f in settings.adv_dir)
+        return Identity(source=None, attack=None, params={}, adv_dir=folders, **common)
     return Identity(source=source.identity(), attack=attack.label, params=attack.params(), **common)
 
 
-def target_specs(cfg: Any) -> list[ModelSpec]:
-    specs = []
-    for key, entry in (cfg.get("targets") or {}).items():
-        # The dict key is what users override (targets.<key>.checkpoint=...): it names the model.
-        specs.append(ModelSpec.from_cfg({**_container(entry), "key": key}))
-    return specs
+def _targets(config: dict[str, Any]) -> tuple[ModelSpec, ...]:
+    # The dict key is what users override (targets.<key>.checkpoint=...): it names the model.
+    entries = config.get("targets") or {}
+    return tuple(ModelSpec.of(e, key=k, where=f"targets.{k}") for k, e in entries.items())
+
+
+def _resolve(config: dict[str, Any]) -> RunSpec:
+    settings: RunSettings = root_settings(RunSettings, config)
+    data = data_spec(config.get("data"))
+    source = attack = None
+    if not settings.adv_dir:
+        source = ModelSpec.of(config["source"])
+        attack = build_attack(config["attack"], source_family(source.arch), source.key)
+    targets = _targets(config)
+    identity = _identity(settings, data, source, attack)
+    return RunSpec(config, settings, data, source, attack, targets, identity)
+
+
+# Specs resolved for the run-directory resolver, taken by the plan of the same config.
+_RESOLVED: dict[tuple[str, str], Any] = {}
+
+
+def once(cfg: Any, build: Callable[[dict[str, Any]], T], keep: bool = True) -> T:
+    """`build` of the config `cfg` (Hydra's own node ignored), resolved once per config and
+    process: `keep` holds the result for the next call, which a plan makes with keep=False and
+    so takes it. Every run still builds its own attack objects."""
+    config = {k: plain(v) for k, v in cfg.items() if k != "hydra"}
+    key = (f"{build.__module__}.{build.__qualname__}", digest(config))
+    spec = _RESOLVED.pop(key, None) or build(config)
+    if keep:
+        _RESOLVED[key] = spec
+    return spec
+
+
+def invalid_id(root: Any) -> str:
+    """The run directory id of a config that does not resolve: its own folder, where the run
+    then stops with the reason."""
+    raw = OmegaConf.to_container(root, resolve=False)
+    raw.pop("hydra", None)
+    return "invalid-" + digest(raw)[:12]
+
+
+def resolve(cfg: Any, keep: bool = True) -> RunSpec:
+    """The specs of the run `cfg` describes."""
+    return once(cfg, _resolve, keep)
 
 
 @dataclass
 class Target:
     spec: ModelSpec
-    weights: Weights | None  # None: weights timm lacks and no checkpoint= was given
+    weights: WeightFile | None  # None: weights timm lacks and no checkpoint= was given
     skipped: str | None = None
 
 
 @dataclass
 class Plan:
+    spec: RunSpec
     out_dir: Path
-    config: dict[str, Any]
     runtime: Runtime
-    identity: Identity
-    data_spec: DataSpec
     data: ImageSet
-    attack: Attack | None = None
-    source: ModelSpec | None = None
-    source_weights: Weights | None = None
+    source_weights: WeightFile | None = None
     targets: list[Target] = field(default_factory=list)
     external: list[AdvSetInfo] = field(default_factory=list)  # folders to evaluate (adv_dir)
     present_of: int | None = None  # data.only_present: the clean images before the restriction
 
     @property
     def crafting(self) -> bool:
-        return self.attack is not None
+        return self.spec.attack is not None
+
+    @property
+    def attack(self) -> MIFGSM | None:
+        return self.spec.attack
+
+    @property
+    def source(self) -> ModelSpec | None:
+        return self.spec.source
+
+    @property
+    def identity(self) -> Identity:
+        return self.spec.identity
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.spec.config
 
 
 OFFLINE_TARGETS = (
@@ -112,42 +183,31 @@ def _asked_by(key: str) -> str:
     return f"Target {key} (of targets={choice}{default}): "
 
 
-def make_plan(cfg: Any, out_dir: Path) -> Plan:
-    runtime = Runtime.from_cfg(cfg)
-    identity = identity_of(cfg)
-    folders = adv_dirs(cfg)
-    source = None if folders else ModelSpec.from_cfg(cfg.source)
-    attack = None if source is None else build_attack(cfg.attack, source.arch, source.key)
-    specs = target_specs(cfg)
-    if folders and not specs:
+def _external(spec: RunSpec) -> list[AdvSetInfo]:
+    """The folders of adv_dir, described by their run records when they have them."""
+    if spec.adv_dir and not spec.targets:
         raise UserError("adv_dir= evaluates against targets, but targets=none lists none.")
-    for spec in ([source] if source else []) + specs:
-        check_model_name(spec)
-    data_spec = DataSpec.from_cfg(_container(cfg.data))
-    data = load_dataset(data_spec)
-    external = [describe_folder(f) for f in folders]
+    external = [describe_folder(f) for f in spec.adv_dir]
     for info in external:
-        if not Path(info.folder).is_dir():
-            raise UserError(f"Adversarial folder {info.folder} does not exist (adv_dir=...).")
-    present_of = None
-    if data_spec.only_present:
-        if not folders:
-            raise UserError("data.only_present=true applies to adv_dir= evaluations only.")
-        have = set.intersection(*(present_stems(info.folder) for info in external))
-        keep = [i for i, s in enumerate(data.stems) if s in have]
-        if not keep:
-            raise UserError(
-                f"None of the {len(data)} clean images has an adversarial image in every folder "
-                f"of adv_dir (expected <clean stem>.png)."
-            )
-        present_of = len(data)
-        data = data.subset(keep, data.shard)
-    if attack is not None:
-        attack.check_data(*data.size)
-        if attack.admix is not None:
-            data = data.checked_pool()
-    tf2torch_dir = cfg.get("tf2torch_dir")
-    source_weights = resolve_weights(source, tf2torch_dir) if source else None
+        present_stems(info.folder)  # refuses a folder that does not exist
+    return external
+
+
+def _only_present(data: ImageSet, external: list[AdvSetInfo]) -> ImageSet:
+    """data.only_present: the clean images that every folder of adv_dir has."""
+    if not external:
+        raise UserError("data.only_present=true applies to adv_dir= evaluations only.")
+    have = set.intersection(*(present_stems(info.folder) for info in external))
+    keep = [i for i, s in enumerate(data.stems) if s in have]
+    if not keep:
+        raise UserError(
+            f"None of the {len(data)} clean images has an adversarial image in every folder "
+            f"of adv_dir (expected <clean stem>.png)."
+        )
+    return data.subset(keep, data.shard)
+
+
+def _target_weights(specs: tuple[ModelSpec, ...], tf2torch_dir: str | None) -> list[Target]:
     targets = []
     for spec in specs:
         try:
@@ -158,17 +218,38 @@ def make_plan(cfg: Any, out_dir: Path) -> Plan:
             targets.append(Target(spec, None, str(e)))
         except UserError as e:  # no network, a bad file: say which target list asked for it
             raise UserError(f"{_asked_by(spec.key)}{e} {OFFLINE_TARGETS}") from e
+    return targets
+
+
+def _data(spec: RunSpec, external: list[AdvSetInfo]) -> tuple[ImageSet, int | None]:
+    """The clean images (checked), restricted for only_present and readied for the attack."""
+    data = load_dataset(spec.data)
+    present_of = None
+    if spec.data.only_present:
+        present_of = len(data)
+        data = _only_present(data, external)
+    if spec.attack is not None:
+        spec.attack.check_data(*data.size)
+        if spec.attack.admix is not None:
+            data = data.checked_pool()
+    return data, present_of
+
+
+def make_plan(cfg: Any, out_dir: Path) -> Plan:
+    spec = resolve(cfg, keep=False)
+    runtime = Runtime.of(spec.settings)
+    for model in ([spec.source] if spec.source else []) + list(spec.targets):
+        check_model_name(model)
+    external = _external(spec)
+    data, present_of = _data(spec, external)
+    tf2torch_dir = spec.settings.tf2torch_dir
     return Plan(
+        spec=spec,
         out_dir=out_dir,
-        config=OmegaConf.to_container(cfg, resolve=True),
         runtime=runtime,
-        identity=identity,
-        data_spec=data_spec,
         data=data,
-        attack=attack,
-        source=source,
-        source_weights=source_weights,
-        targets=targets,
+        source_weights=resolve_weights(spec.source, tf2torch_dir) if spec.source else None,
+        targets=_target_weights(spec.targets, tf2torch_dir),
         external=external,
         present_of=present_of,
     )

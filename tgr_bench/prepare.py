@@ -31,6 +31,7 @@ from PIL import Image
 
 from tgr_bench.atomic import atomic_write
 from tgr_bench.data import IMAGE_EXTENSIONS, check_label, csv_rows, load_folder
+from tgr_bench.entry import main_of
 from tgr_bench.errors import UserError
 from tgr_bench.pixels import batches
 
@@ -301,26 +302,27 @@ def main(argv: list[str] | None = None) -> None:
     f.add_argument("--url", default=PAPER_SET_URL, help="the archive (default: the authors' repo)")
     f.add_argument("--expect", type=int, default=PAPER_SET_IMAGES, help="images it must hold")
     args = p.parse_args(argv)
-    try:
-        if args.command == "fetch-paper-set":
-            fetch_paper_set(args.dest, args.url, args.expect)
-            sys.exit(0)
-        if args.command == "convert-tf2torch":
-            convert_tf2torch(args.src, args.dst)
-            sys.exit(0)
-        if args.command == "build":
-            n = build(args.val, args.out, args.labels, args.per_class, args.seed)
-            print(f"wrote {n} images and labels.csv to {args.out}")
-            problems = check(args.out)
-        else:
-            problems = check(args.root)
-    except UserError as e:
-        print(f"tgr-bench-prepare: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    main_of("tgr-bench-prepare", lambda: _command(args))
+
+
+def _command(args: argparse.Namespace) -> None:
+    if args.command == "fetch-paper-set":
+        fetch_paper_set(args.dest, args.url, args.expect)
+        return
+    if args.command == "convert-tf2torch":
+        convert_tf2torch(args.src, args.dst)
+        return
+    if args.command == "build":
+        n = build(args.val, args.out, args.labels, args.per_class, args.seed)
+        print(f"wrote {n} images and labels.csv to {args.out}")
+        problems = check(args.out)
+    else:
+        problems = check(args.root)
     for problem in problems:
         print(f"problem: {problem}")
     print("ok" if not problems else f"{len(problems)} problem(s)")
-    sys.exit(1 if problems else 0)
+    if problems:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -58,12 +58,36 @@ def git_commit() -> str | None:
 
 
 def device_info(device: torch.device) -> dict[str, Any]:
-    info: dict[str, Any] = {"type": device.type, "platform": platform.platform()}
-    if device.type == "cuda":
-        info["name"] = torch.cuda.get_device_name(device)
-        info["cuda"] = torch.version.cuda
-        info["cudnn"] = torch.backends.cudnn.version()
-    else:
-        info["name"] = platform.processor() or platform.machine()
-        info["threads"] = torch.get_num_threads()
-    return info
+    """The machine a result was computed on: for a GPU its model, memory, compute capability,
+    CUDA, cuDNN and driver versions; for a CPU its name and threads."""
+    info: dict[str, Any] = {
+        "type": device.type,
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+    }
+    if device.type != "cuda":
+        return info | {"name": platform.processor() or platform.machine(),
+                       "threads": torch.get_num_threads()}  # fmt: skip
+    props = torch.cuda.get_device_properties(device)
+    return info | {
+        "name": props.name,
+        "memory_gib": round(props.total_memory / 2**30, 1),
+        "capability": f"{props.major}.{props.minor}",
+        "multiprocessors": props.multi_processor_count,
+        "cudnn": torch.backends.cudnn.version(),
+        "driver": _driver_version(),
+    }
+
+
+def _driver_version() -> str | None:
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return None

@@ -7,7 +7,6 @@ folders, the report's table cells) asks this module rather than re-deriving it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 
 from tgr_bench.atomic import atomic_write
 from tgr_bench.errors import UserError
+from tgr_bench.hashing import digest
 
 # The files of a run directory.
 RUN_JSON = "run.json"
@@ -23,7 +23,8 @@ IMAGES_DIR = "images"
 RESULTS_CSV = "results.csv"
 RESULTS_MD = "results.md"
 PREDICTIONS_CSV = "predictions.csv"
-TARGETS_CSV = "targets.csv"  # a targeted run's target label per image
+TARGETS_CSV = "targets.csv"  # a targeted run's aim (target_label) per image
+VARIANCE_JSON = "variance.json"  # the record of a tgr-bench-variance run
 LOCK = ".tgr-bench.lock"
 
 # Columns of results.csv: one row per (adversarial set, target).
@@ -52,11 +53,6 @@ RESULT_COLUMNS = [
 STATUSES = ("running", "complete", "failed", "interrupted")
 # Columns read back as text: a run id or a hash may look like a number ("012345...").
 TEXT_COLUMNS = {"run_id": str, "target_sha256": str, "stem": str}
-
-
-def digest(content: Any) -> str:
-    """sha256 of a JSON-able value, independent of key order."""
-    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def format_params(params: dict[str, Any]) -> str:
@@ -185,6 +181,7 @@ class RunRecord:
     target_keys: list[str] = field(default_factory=list)
     targets: list[dict[str, Any]] = field(default_factory=list)  # provenance per target
     sets: list[AdvSetInfo] = field(default_factory=list)
+    analysis: dict[str, Any] | None = None  # tgr-bench-variance: its attacks, cost and files
 
     @property
     def complete(self) -> bool:
@@ -197,8 +194,8 @@ class RunRecord:
             s["identity"] = info.identity.content() if info.identity else None
         return d
 
-    def save(self, run_dir: Path) -> None:
-        atomic_write(run_dir / RUN_JSON, json.dumps(self.to_dict(), indent=2, default=str).encode())
+    def save(self, run_dir: Path, name: str = RUN_JSON) -> None:
+        atomic_write(run_dir / name, json.dumps(self.to_dict(), indent=2, default=str).encode())
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunRecord:
@@ -220,10 +217,10 @@ class RunRecord:
         return cls(**values)
 
     @classmethod
-    def load(cls, run_dir: Path) -> RunRecord | None:
+    def load(cls, run_dir: Path, name: str = RUN_JSON) -> RunRecord | None:
         """The record of `run_dir`, or None when there is none (the run never got valid
         settings). A record that cannot be parsed is an error naming the file."""
-        path = run_dir / RUN_JSON
+        path = run_dir / name
         if not path.is_file():
             return None
         try:

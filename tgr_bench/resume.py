@@ -21,7 +21,8 @@ from typing import Any
 
 from tgr_bench.atomic import atomic_write
 from tgr_bench.errors import UserError
-from tgr_bench.record import IMAGES_DIR, LOCK, MANIFEST, RunRecord, digest
+from tgr_bench.hashing import digest
+from tgr_bench.record import IMAGES_DIR, LOCK, MANIFEST, RunRecord
 
 
 @contextlib.contextmanager

@@ -1,5 +1,6 @@
-"""Runtime settings of one run: device, precision, seed, batch sizes, clean-prediction cache and
-the determinism flags. Validated once, then passed down as one object."""
+"""The root keys of a run (device, precision, seed, batch sizes, caches, folders to evaluate),
+declared once, and the runtime they resolve to: the device, the batch sizes `auto` stands for,
+and the determinism flags. Validated once, then passed down as one object."""
 
 from __future__ import annotations
 
@@ -11,15 +12,77 @@ from typing import Any
 import torch
 
 from tgr_bench.errors import UserError
+from tgr_bench.schema import AUTO, key
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 # First tries of batch_size=auto and eval_batch_size=auto; halved on out-of-memory.
 AUTO_BATCH = {"cuda": 128, "cpu": 16}
 AUTO_EVAL_BATCH = {"cuda": 256, "cpu": 64}
+CACHE_ENV = "TGR_BENCH_CACHE"  # where cache_dir=auto keeps clean predictions, when set
 
 
-def resolve_device(name: Any) -> torch.device:
-    if name in (None, "auto"):
+def _adv_dirs(name: str, value: Any) -> tuple[str, ...] | None:
+    """adv_dir: one folder, or a non-empty list of them."""
+    if value is None:
+        return None
+    folders = value if isinstance(value, list | tuple) else [value]
+    if not folders:
+        raise UserError(
+            f"{name}=[] lists no folder: give the folder(s) of adversarial PNGs to evaluate "
+            f"(adv_dir=<folder> or adv_dir=[a,b]), or leave adv_dir out to craft images."
+        )
+    bad = [f for f in folders if isinstance(f, bool | dict | list) or f in (None, "")]
+    if bad:
+        raise UserError(f"{name}={value!r}: each entry must be a folder path.")
+    return tuple(str(f) for f in folders)
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """Root keys every tool that attacks takes."""
+
+    seed: int = key(0, low=0, high=2**63 - 1, help="draws of every image derive from it")
+    device: str = key("auto", identity=False, help="auto = cuda when available, else cpu")
+    batch_size: int = key(
+        16,
+        low=1,
+        auto=True,
+        identity=False,
+        help="crafting batch (or auto: the largest that fits); results do not depend on it",
+    )
+    precision: str = key(
+        "fp32", options=PRECISIONS, help="fp32 = exact, paper-faithful | tf32 | bf16: speed modes"
+    )
+    eval_batch_size: int = key(
+        64, low=1, auto=True, identity=False, help="or auto: the largest that fits"
+    )
+    tf2torch_dir: str | None = key(
+        None,
+        identity=False,
+        help="folder of the converted TF-slim weights (tf2torch_*.npy): the paper's CNN and "
+        "defended targets",
+    )
+
+
+@dataclass(frozen=True)
+class RunSettings(RuntimeSettings):
+    """Root keys of `tgr-bench`."""
+
+    adv_dir: tuple[str, ...] | None = key(
+        None,
+        parse=_adv_dirs,
+        help="evaluate existing folders of <clean stem>.png instead of crafting: a path or [a,b]",
+    )
+    cache_dir: str | None = key(
+        AUTO,
+        identity=False,
+        help=f"clean predictions per target and data; auto = ${CACHE_ENV} or "
+        f"~/.cache/tgr-bench; null = off",
+    )
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == AUTO:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(str(name))
@@ -32,18 +95,23 @@ def resolve_device(name: Any) -> torch.device:
     return device
 
 
-def positive_int(name: str, value: Any, auto: int | None = None) -> int:
-    """A whole number >= 1 (or `auto` when `auto` gives its value)."""
-    if value == "auto" and auto is not None:
-        return auto
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        hint = " or auto" if auto is not None else ""
-        raise UserError(f"{name}={value!r}: need a whole number >= 1{hint}.")
-    return value
+def resolve_cache(value: str | None) -> str | None:
+    """The clean-prediction cache folder `cache_dir` stands for (None: off)."""
+    if value is None:
+        return None
+    folder = os.environ.get(CACHE_ENV, "~/.cache/tgr-bench") if value == AUTO else value
+    if Path(folder).expanduser().is_file():
+        raise UserError(
+            f"cache_dir={value} is a file; pass a folder for the clean-prediction cache "
+            f"(it is created if missing), or cache_dir=null for none."
+        )
+    return folder
 
 
 @dataclass(frozen=True)
 class Runtime:
+    """What the runtime keys resolve to on this machine."""
+
     device: torch.device
     precision: str = "fp32"
     seed: int = 0
@@ -52,33 +120,20 @@ class Runtime:
     cache_dir: str | None = None
 
     @classmethod
-    def from_cfg(cls, cfg: Any) -> Runtime:
-        device = resolve_device(cfg.get("device"))
-        precision = cfg.get("precision", "fp32")
-        if precision not in PRECISIONS:
-            raise UserError(f"precision={precision!r}: choose one of {list(PRECISIONS)}.")
-        seed = cfg.get("seed", 0)
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-            raise UserError(f"seed={seed!r}: need a whole number in 0..2^63-1.")
-        cache_dir = cfg.get("cache_dir")
-        if cache_dir is not None and Path(str(cache_dir)).expanduser().is_file():
-            raise UserError(
-                f"cache_dir={cache_dir} is a file; pass a folder for the clean-prediction cache "
-                f"(it is created if missing), or cache_dir=null for none."
-            )
+    def of(cls, settings: RuntimeSettings) -> Runtime:
+        device = resolve_device(settings.device)
+
+        def sized(value: int | str, auto: dict[str, int]) -> int:
+            return auto.get(device.type, auto["cpu"]) if value == AUTO else int(value)
+
+        cache = getattr(settings, "cache_dir", None)
         return cls(
             device=device,
-            precision=precision,
-            seed=seed,
-            batch_size=positive_int(
-                "batch_size", cfg.get("batch_size", 16), AUTO_BATCH.get(device.type, 16)
-            ),
-            eval_batch_size=positive_int(
-                "eval_batch_size",
-                cfg.get("eval_batch_size", 64),
-                AUTO_EVAL_BATCH.get(device.type, 64),
-            ),
-            cache_dir=cfg.get("cache_dir"),
+            precision=settings.precision,
+            seed=settings.seed,
+            batch_size=sized(settings.batch_size, AUTO_BATCH),
+            eval_batch_size=sized(settings.eval_batch_size, AUTO_EVAL_BATCH),
+            cache_dir=resolve_cache(cache),
         )
 
     def apply(self) -> dict[str, Any]:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch
 
 from tests.tiny import batch
-from tgr_bench.attacks import Attack
+from tgr_bench.attacks import MIFGSM
 from tgr_bench.attacks.architectures import INPUT, OUTPUT, SOFTMAX_INPUT
 from tgr_bench.images import quantize
 from tgr_bench.pixels import TensorPixels
 
 
-def pngs(attack: Attack, model, x, y, seeds, ids=None) -> torch.Tensor:
+def pngs(attack: MIFGSM, model, x, y, seeds, ids=None) -> torch.Tensor:
     with attack.source_context(model):
         adv = attack.perturb(model, x, y, seeds, ids)
     return quantize(adv, (x * 255).round().to(torch.uint8), attack.eps_levels)
@@ -23,7 +23,7 @@ def pool_of(n: int) -> TensorPixels:
     return TensorPixels((x * 255).round().to(torch.uint8))
 
 
-def assert_batch_invariant(attack: Attack, model, n: int = 3) -> None:
+def assert_batch_invariant(attack: MIFGSM, model, n: int = 3) -> None:
     x, y = batch(n)
     seeds = list(range(100, 100 + n))
     ids = list(range(n))

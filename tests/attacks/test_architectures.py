@@ -8,7 +8,7 @@ import pytest
 import timm
 import torch
 
-from tgr_bench.attacks import TGR
+from tests.tiny import make
 from tgr_bench.attacks.architectures import (
     bind_sites,
     family_of,
@@ -22,7 +22,7 @@ def test_unsupported_source_lists_supported_families():
     model = PixelModel(
         timm.create_model("test_convnext", pretrained=False), (0.5,) * 3, (0.5,) * 3, 64
     )
-    context = TGR().source_context(model)
+    context = make("tgr", "vit").source_context(model)
     with pytest.raises(UserError, match="supported families are vit .*pit .*cait .*visformer"):
         context.__enter__()
 

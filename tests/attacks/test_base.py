@@ -7,7 +7,8 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from tgr_bench.attacks import ATTACKS, Attack, build_attack
+from tests.tiny import make
+from tgr_bench.attacks import ATTACKS, build_attack
 from tgr_bench.errors import UserError
 from tgr_bench.images import quantize
 from tgr_bench.models import PixelModel
@@ -50,7 +51,7 @@ def reference_mi(net, mean, std, size, x, y, eps, steps, alpha, mu):
 def test_mi_equals_step_by_step_reference(steps, alpha, decay):
     model = tiny_vit()
     x, y = images(3)
-    attack = Attack(eps=16, steps=steps, alpha=alpha, decay=decay)
+    attack = make("mi", eps=16, steps=steps, alpha=alpha, decay=decay)
     adv = attack.perturb(model, x, y, [0, 0, 0])
     a = (alpha if alpha is not None else 16 / steps) / 255
     ref = reference_mi(
@@ -76,7 +77,7 @@ def test_mi_equals_step_by_step_reference(steps, alpha, decay):
 def test_image_result_does_not_depend_on_its_batch():
     model = tiny_vit()
     x, y = images(4)
-    attack = Attack()
+    attack = make("mi")
     seeds = [0, 1, 2, 3]
     together = quantize(attack.perturb(model, x, y, seeds), (x * 255).round().to(torch.uint8), 16)
     alone = torch.cat(
@@ -93,7 +94,7 @@ def test_image_result_does_not_depend_on_its_batch():
 
 
 def test_all_zero_gradient_leaves_momentum_finite():
-    attack = Attack()
+    attack = make("mi")
     g = attack.update(torch.zeros(2, 3, 4, 4), torch.zeros(2, 3, 4, 4), 0)
     assert torch.isfinite(g).all() and (g == 0).all()
 
@@ -106,7 +107,7 @@ def test_all_zero_gradient_leaves_momentum_finite():
         ({"steps": 0}, "steps"),
         ({"alpha": -1}, "alpha"),
         ({"decay": -0.1}, "decay"),
-        ({"gamma": 0.5}, "no parameters"),
+        ({"gamma": 0.5}, "there is no key attack.gamma"),
     ],
 )
 def test_bad_attack_parameters_are_clear_errors(params, match):

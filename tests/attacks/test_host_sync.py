@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.attacks.support import pool_of
-from tests.tiny import batch, tiny
+from tests.tiny import FAMILY, batch, tiny
 from tgr_bench.attacks import build_attack
 
 # Every Tensor method that copies a value to the host (on a GPU: waits for the device).
@@ -109,7 +109,8 @@ def test_the_guard_sees_syncs():
 def test_attack_loop_and_hooks_never_sync(make_cfg, name, family):
     name, *modifiers = name.split()
     extra = ["attack.n_samples=2"] if name == "vmi" else []
-    attack = build_attack(make_cfg(f"attack={name}", "attack.steps=2", *extra, *modifiers).attack)
+    cfg = make_cfg(f"attack={name}", "attack.steps=2", *extra, *modifiers)
+    attack = build_attack(cfg.attack, FAMILY[family])
     if attack.admix is not None:
         attack.use_pool(pool_of(4))
     if attack.patchout is not None:

@@ -11,18 +11,19 @@ import torch
 import torch.nn.functional as F
 
 from tests.attacks.support import assert_batch_invariant, pngs, pool_of
-from tests.tiny import batch, tiny
+from tests.tiny import FAMILY, batch, tiny
 from tgr_bench.attacks import build_attack
 from tgr_bench.attacks.draws import mix, randint, uniform
 from tgr_bench.attacks.modifiers import DI, TI, Admix
 from tgr_bench.errors import UserError
 
 
-def on(name: str, *modifiers: str, **settings) -> object:
+def on(name: str, *modifiers: str, family: str = "vit", **settings) -> object:
+    """`name` with `modifiers` on, for a source of `family` (a tests/tiny name)."""
     cfg = {"name": name, "steps": 3, **settings}
     for m in modifiers:
         cfg[m] = {"enabled": True, **cfg.get(m, {})}
-    return build_attack(cfg)
+    return build_attack(cfg, FAMILY[family])
 
 
 # ---- TI -----------------------------------------------------------------------------------------
@@ -311,7 +312,7 @@ def test_modifier_refusals_come_before_any_work(make_cfg, tmp_path):
 )
 def test_batch_of_one_equals_batch_of_three(name, family, modifiers):
     settings = {"n_samples": 2} if name == "vmi" else {}
-    attack = on(name, *modifiers, **settings, si={"m": 3}, admix={"m1": 2, "m2": 2})
+    attack = on(name, *modifiers, family=family, **settings, si={"m": 3}, admix={"m1": 2, "m2": 2})
     assert_batch_invariant(attack, tiny(family))
 
 
@@ -351,7 +352,7 @@ def test_labels_name_every_active_modifier_in_a_fixed_order():
         ({"ti": {"enabled": True, "size": 4}}, "odd kernel size"),
         ({"si": {"enabled": True, "space": "tf"}}, "space"),
         ({"admix": {"enabled": True, "eta": "x"}}, "not a number"),
-        ({"di": {"enabled": True, "pp": 1}}, "has no keys"),
+        ({"di": {"enabled": True, "pp": 1}}, "there is no key attack.di.pp"),
         ({"di": {"enabled": True, "rate": 100}}, "in \\(0, 2\\]"),
         ({"di": {"enabled": "no"}}, "attack.di.enabled='no': use true or false"),
         ({"patchout": {"enabled": "off"}}, "attack.patchout.enabled='off': use true or false"),

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from tests.attacks.support import pngs
-from tests.tiny import batch, tiny
-from tgr_bench.attacks import Attack, build_attack
+from tests.tiny import batch, make, tiny
+from tgr_bench.attacks import build_attack
 from tgr_bench.attacks.patchout import PatchOut
 from tgr_bench.errors import UserError
 
@@ -39,7 +39,7 @@ def test_patchout_update_outside_the_mask_is_the_l2_term_per_image():
     delta = (torch.rand(x.shape, generator=g) - 0.5) * 0.1
     delta[1] *= 10  # image 1's perturbation is much larger
     for l2 in (0.0, 0.1):
-        attack = Attack(patchout={"enabled": True, "patch_size": 16, "l2": l2, "n_patches": 10})
+        attack = make("mi", patchout={"enabled": True, "patch_size": 16, "l2": l2, "n_patches": 10})
         mask = attack.patchout.masks(x.shape, 0, seeds, x.device)
         grad = attack.input_gradient(model, x, delta, y, 0, seeds)
         outside = mask == 0
@@ -55,18 +55,18 @@ def test_patchout_update_outside_the_mask_is_the_l2_term_per_image():
 
 def test_patchout_errors():
     with pytest.raises(UserError, match="n_patches=300"):
-        Attack(patchout={"enabled": True, "n_patches": 300}).patchout.grid(224, 224)
+        make("mi", patchout={"enabled": True, "n_patches": 300}).patchout.grid(224, 224)
     with pytest.raises(UserError, match="does not tile"):
-        Attack(patchout={"enabled": True, "patch_size": 15}).patchout.grid(224, 224)
+        make("mi", patchout={"enabled": True, "patch_size": 15}).patchout.grid(224, 224)
     with pytest.raises(UserError, match="mask"):
-        Attack(patchout={"enabled": True, "mask": "random"})
-    with pytest.raises(UserError, match="no keys"):
-        Attack(patchout={"enabled": True, "lambda": 0.1})
+        make("mi", patchout={"enabled": True, "mask": "random"})
+    with pytest.raises(UserError, match="there is no key attack.patchout.lambda"):
+        make("mi", patchout={"enabled": True, "lambda": 0.1})
 
 
 @pytest.mark.parametrize("name", ["pna_patchout", "tgr_patchout"])
 def test_patchout_presets_are_batch_invariant(make_cfg, name):
-    attack = build_attack(make_cfg(f"attack={name}", "attack.steps=2").attack)
+    attack = build_attack(make_cfg(f"attack={name}", "attack.steps=2").attack, "vit")
     assert attack.label == name
     model = tiny("vit")
     x, y = batch(3)
@@ -83,10 +83,10 @@ def test_patchout_presets_are_batch_invariant(make_cfg, name):
 def test_preset_defaults(make_cfg):
     vmi = build_attack(make_cfg("attack=vmi").attack)
     assert (vmi.n_samples, vmi.beta, vmi.eps_levels, vmi.steps) == (20, 1.5, 16.0, 10)
-    assert build_attack(make_cfg("attack=sgm").attack).gamma == 0.5
-    po = build_attack(make_cfg("attack=pna_patchout").attack).patchout
+    assert build_attack(make_cfg("attack=sgm").attack, "vit").gamma == 0.5
+    po = build_attack(make_cfg("attack=pna_patchout").attack, "vit").patchout
     assert (po.n_patches, po.patch_size, po.l2, po.mask) == (130, 16, 0.1, "per_image")
-    po = build_attack(make_cfg("attack=tgr_patchout").attack).patchout
+    po = build_attack(make_cfg("attack=tgr_patchout").attack, "vit").patchout
     assert (po.l2, po.mask) == (0.0, "step")
     mi = build_attack(make_cfg("attack=mi", "attack.patchout.enabled=true").attack)
     assert mi.label == "mi_patchout" and mi.patchout.n_patches == 130

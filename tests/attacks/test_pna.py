@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from tests.attacks.support import capture
-from tests.tiny import batch, grad_of, tiny
-from tgr_bench.attacks import PNA, Attack
+from tests.tiny import batch, grad_of, make, tiny
 from tgr_bench.attacks.hooks import set_fused_attn
 from tgr_bench.errors import UserError
 from tgr_bench.models import PixelModel
@@ -31,7 +30,7 @@ def detached_attention(model: PixelModel) -> list:
 def test_pna_equals_detached_attention_and_keeps_the_forward(family):
     model = tiny(family)
     x, y = batch(2)
-    attack = PNA()
+    attack = make("pna", family)
     with torch.no_grad():
         logits_before = model(x)
     with attack.source_context(model):
@@ -41,7 +40,7 @@ def test_pna_equals_detached_attention_and_keeps_the_forward(family):
     assert torch.allclose(logits_pna, logits_before, rtol=1e-5, atol=1e-5)  # forward unchanged
     previous = set_fused_attn(model.net, False)
     handles = detached_attention(model)
-    want = grad_of(Attack(), model, x, y)
+    want = grad_of(make("mi"), model, x, y)
     for h in handles:
         h.remove()
     for m, flag in previous:
@@ -53,7 +52,7 @@ def test_pna_equals_detached_attention_and_keeps_the_forward(family):
         if hasattr(m, "attn_drop") and (hasattr(m, "qkv") or hasattr(m, "q"))
     )
     assert attack.stats()["pna_sites"] == {"attn": n_maps}  # every block with attention
-    assert not torch.allclose(got, grad_of(Attack(), model, x, y), rtol=1e-2)
+    assert not torch.allclose(got, grad_of(make("mi"), model, x, y), rtol=1e-2)
 
 
 @pytest.mark.parametrize("family", ["vit", "pit", "cait", "visformer"])
@@ -61,7 +60,7 @@ def test_pna_gradient_through_every_attention_map_is_exactly_zero(family):
 
     model = tiny(family)
     x, y = batch(2)
-    attack = PNA()
+    attack = make("pna", family)
     log: dict = {}
     with attack.source_context(model):
         handles = []

@@ -15,9 +15,9 @@ from tgr_bench.errors import UserError
         ({"name": "vmi", "beta": -1}, "beta"),
         ({"name": "sgm", "gamma": 2}, "gamma"),
         ({"name": "sgm", "gamma": "x"}, "attack.gamma='x' is not a number"),
-        ({"name": "pna", "gamma": 0.5}, "no parameters"),
+        ({"name": "pna", "gamma": 0.5}, "there is no key attack.gamma"),
     ],
 )
 def test_bad_baseline_parameters(params, match):
     with pytest.raises(UserError, match=match):
-        build_attack(params)
+        build_attack(params, "vit")

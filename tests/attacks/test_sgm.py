@@ -7,8 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.attacks.support import assert_batch_invariant
-from tests.tiny import TINY, batch, grad_of
-from tgr_bench.attacks import SGM, Attack
+from tests.tiny import batch, grad_of, make, tiny
 from tgr_bench.models import PixelModel
 
 
@@ -25,17 +24,15 @@ class ScaleGrad(torch.autograd.Function):
 
 
 def test_sgm_branch_gradients_by_hand_on_two_blocks():
-    torch.manual_seed(0)
-    net = timm.create_model("vit_base_patch16_224", pretrained=False, **TINY["vit"][1]).eval()
-    net.requires_grad_(False)
-    model = PixelModel(net, (0.5,) * 3, (0.25,) * 3, 64).eval()
+    model = tiny("vit")
+    net = model.net
     x, y = batch(2)
-    attack = SGM(gamma=0.3)
+    attack = make("sgm", "vit", gamma=0.3)
     with attack.source_context(model):
         got = grad_of(attack, model, x, y)
 
     def by_hand(pixels):  # the ViT forward written out, each residual branch's gradient scaled
-        h = net.patch_embed((pixels - 0.5) / 0.25)
+        h = net.patch_embed((pixels - model.mean) / model.std)
         h = net.norm_pre(net._pos_embed(h))
         for blk in net.blocks:
             h = h + blk.ls1(ScaleGrad.apply(blk.attn(blk.norm1(h)), 0.3))
@@ -46,7 +43,7 @@ def test_sgm_branch_gradients_by_hand_on_two_blocks():
     (want,) = torch.autograd.grad(F.cross_entropy(by_hand(pixels), y, reduction="sum"), pixels)
     assert len(net.blocks) == 2 and attack.stats()["sgm_sites"] == {"attn": 2, "mlp": 2}
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-6 * want.abs().max())
-    assert not torch.allclose(got, grad_of(Attack(), model, x, y), rtol=1e-2)
+    assert not torch.allclose(got, grad_of(make("mi"), model, x, y), rtol=1e-2)
 
 
 def test_sgm_on_a_resnet_source_scales_each_residual_unit():
@@ -57,12 +54,13 @@ def test_sgm_on_a_resnet_source_scales_each_residual_unit():
     model = PixelModel(net, (0.5,) * 3, (0.5,) * 3, 64).eval()
     x, y = batch(2)
     units = sum(len(getattr(net, f"layer{i}")) for i in (1, 2, 3, 4))
-    attack = SGM()
+    attack = make("sgm", "resnet")
     with attack.source_context(model):
         g = grad_of(attack, model, x, y)
     assert attack.stats()["sgm_sites"] == {"branch": units}
     assert attack.fired["branch"] == units
-    assert not torch.allclose(g, grad_of(Attack(), model, x, y), rtol=1e-2)
-    with SGM(gamma=1.0).source_context(model):  # gamma 1: exactly MI
-        assert torch.equal(grad_of(SGM(gamma=1.0), model, x, y), grad_of(Attack(), model, x, y))
-    assert_batch_invariant(SGM(steps=2), model)
+    assert not torch.allclose(g, grad_of(make("mi"), model, x, y), rtol=1e-2)
+    one = make("sgm", "resnet", gamma=1.0)
+    with one.source_context(model):  # gamma 1: exactly MI
+        assert torch.equal(grad_of(one, model, x, y), grad_of(make("mi"), model, x, y))
+    assert_batch_invariant(make("sgm", "resnet", steps=2), model)

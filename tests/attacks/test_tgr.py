@@ -12,8 +12,8 @@ import torch
 
 from tests.attacks.support import capture
 from tests.conftest import cli
-from tests.tiny import batch, grad_of, tiny
-from tgr_bench.attacks import TGR, Attack, build_attack
+from tests.tiny import batch, grad_of, make, tiny
+from tgr_bench.attacks import build_attack
 from tgr_bench.attacks.architectures import (
     HEADS_PER_KEY,
     KEYS,
@@ -133,30 +133,30 @@ def test_every_rule_matches_the_loop_reading(rule, shape, k):
 def test_each_component_changes_the_gradient_and_removal_restores_it(family):
     model = tiny(family)
     x, y = batch(2)
-    mi = grad_of(Attack(), model, x, y)
+    mi = grad_of(make("mi"), model, x, y)
     fused_before = [m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")]
     for component in ("attn", "qkv", "mlp"):
-        attack = TGR(components=[component])
+        attack = make("tgr", family, components=[component])
         with attack.source_context(model):
             g = grad_of(attack, model, x, y)
         assert attack.fired[component] > 0 and set(attack.fired) == {component}
         assert (g - mi).abs().max() > 1e-3 * mi.abs().max(), component
-        assert torch.equal(grad_of(Attack(), model, x, y), mi)  # hooks gone
+        assert torch.equal(grad_of(make("mi"), model, x, y), mi)  # hooks gone
     assert [m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")] == fused_before
 
 
 def test_gamma_scales_the_branch_and_k_must_be_positive():
     model = tiny("vit")
     x, y = batch(1)
-    a = TGR(components=["mlp"], gamma={"mlp": 0.0})
+    a = make("tgr", "vit", components=["mlp"], gamma={"mlp": 0.0})
     with a.source_context(model):
         g0 = grad_of(a, model, x, y)
-    b = TGR(components=["mlp"], gamma={"mlp": 1.0})
+    b = make("tgr", "vit", components=["mlp"], gamma={"mlp": 1.0})
     with b.source_context(model):
         g1 = grad_of(b, model, x, y)
     assert not torch.equal(g0, g1)
     with pytest.raises(UserError, match="k=0"):
-        TGR(k=0)
+        make("tgr", "vit", k=0)
 
 
 # ---- 3. batch invariance ------------------------------------------------------------------------
@@ -164,7 +164,7 @@ def test_gamma_scales_the_branch_and_k_must_be_positive():
 def test_batch_equals_alone(family):
     model = tiny(family)
     x, y = batch(3)
-    attack = TGR()
+    attack = make("tgr", family)
     with attack.source_context(model):
         together = grad_of(attack, model, x, y)
         alone = torch.cat([grad_of(attack, model, x[i : i + 1], y[i : i + 1]) for i in range(3)])
@@ -192,7 +192,7 @@ def test_batch_equals_alone(family):
         ({"gamma": {"attn": 1.5}}, "outside"),
         ({"gamma": {"mlp": -0.1}}, "outside"),
         ({"gamma": {"mlp": "half"}}, "attack.gamma.mlp='half' is not a number"),
-        ({"gamma": {"ffn": 0.5}}, "unknown components"),
+        ({"gamma": {"ffn": 0.5}}, "there is no key attack.gamma.ffn"),
         ({"components": ["attn", "proj"]}, "components"),
         ({"components": []}, "components"),
         ({"variant": "paper"}, "variant"),
@@ -201,7 +201,7 @@ def test_batch_equals_alone(family):
 )
 def test_bad_tgr_parameters(params, match):
     with pytest.raises(UserError, match=match):
-        build_attack({"name": "tgr", **params})
+        build_attack({"name": "tgr", **params}, "vit")
 
 
 def test_k_larger_than_tokens_fails_before_any_work(make_cfg, tmp_path: Path):
@@ -220,7 +220,7 @@ def test_k_larger_than_tokens_fails_before_any_work(make_cfg, tmp_path: Path):
 def test_gradient_at_every_site_is_the_spec_transform(family, k):
     model = tiny(family)
     x, y = batch(2)
-    attack = TGR(k=k, variant="official")
+    attack = make("tgr", family, k=k, variant="official")
     sites = bind_sites(model.net, family_of(model.net), "official")
     log: dict = {}
     handles = []
@@ -266,7 +266,7 @@ def cait_log(variant: str) -> tuple[dict, dict]:
 
         return hook
 
-    attack = TGR(variant=variant)
+    attack = make("tgr", "cait", variant=variant)
     with attack.source_context(model):
         handles = []
         for i in (0, 1):

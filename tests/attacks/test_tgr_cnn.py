@@ -13,8 +13,8 @@ from torch import nn
 
 from tests.attacks.support import assert_batch_invariant
 from tests.attacks.test_host_sync import forbid_host_sync
-from tests.tiny import batch, grad_of, tiny
-from tgr_bench.attacks import PNA, SGM, TGR, Attack, build_attack
+from tests.tiny import batch, grad_of, make, tiny
+from tgr_bench.attacks import build_attack, create
 from tgr_bench.attacks.architectures import (
     SCALE,
     SPATIAL,
@@ -150,13 +150,13 @@ def reference_gradient(model: PixelModel, units: list[nn.Module], fn, x, y) -> t
     ref = copy.deepcopy(model)
     for unit in [dict(ref.net.named_modules())[name] for name in units]:
         unit.conv1 = EditedInput(unit.conv1, fn)
-    return grad_of(Attack(), ref, x, y)
+    return grad_of(make("mi"), ref, x, y)
 
 
 def check_every_unit(model: PixelModel, variant: str, x, y, n_units: int) -> None:
     net = model.net
     family = family_of(net)
-    attack = TGR(variant=variant)
+    attack = make("tgr", family.name, variant=variant)
     sites = bind_sites(net, family, variant)
     assert len(sites) == n_units and {b.site.component for b in sites} == {"conv"}
     log: dict = {}
@@ -217,7 +217,7 @@ def test_the_shortcut_gradient_is_untouched():
     def on_conv1(module, args, out):
         args[0].grad_fn.register_prehook(lambda go: log.update(branch=go[0].clone()))
 
-    attack = TGR()
+    attack = make("tgr", "resnet")
     x, y = batch(1)
     with attack.source_context(model):
         handles = [
@@ -242,7 +242,7 @@ def test_the_probe_refuses_a_unit_whose_site_stays_silent():
     model = tiny_cnn("resnet")
     model.net.layer2[0].conv1.__class__ = Unhooked
     with pytest.raises(UserError, match=r"edited nothing at 1 of 4 sites .*\(layer2.0.conv1\)"):
-        TGR().source_context(model).__enter__()
+        make("tgr", "resnet").source_context(model).__enter__()
 
 
 # ---- 3. variants, zero, and batch invariance -----------------------------------------------------
@@ -251,11 +251,11 @@ def test_official_and_clean_differ_and_zero_false_is_official():
     x, y = batch(2)
 
     def grad(**kwargs) -> torch.Tensor:
-        attack = TGR(**kwargs)
+        attack = make("tgr", "resnet", **kwargs)
         with attack.source_context(model):
             return grad_of(attack, model, x, y)
 
-    mi = grad_of(Attack(), model, x, y)
+    mi = grad_of(make("mi"), model, x, y)
     clean, official = grad(variant="clean"), grad(variant="official")
     assert (clean - official).abs().max() > 1e-3 * official.abs().max()
     assert (official - mi).abs().max() > 1e-3 * mi.abs().max()
@@ -268,29 +268,30 @@ def test_zero_false_on_a_vit_keeps_only_the_gammas():
     model = tiny("vit")
     x, y = batch(1)
     previous = set_fused_attn(model, False)  # TGR runs the explicit path: compare like with like
-    mi = grad_of(Attack(), model, x, y)
+    mi = grad_of(make("mi"), model, x, y)
     for module, flag in previous:
         module.fused_attn = flag
 
-    def grad(attack: TGR) -> torch.Tensor:
+    def grad(attack) -> torch.Tensor:
         with attack.source_context(model):
             return grad_of(attack, model, x, y)
 
-    assert torch.equal(grad(TGR(zero=False, gamma={"attn": 1.0, "qkv": 1.0, "mlp": 1.0})), mi)
-    scaled, regularized = grad(TGR(zero=False)), grad(TGR())
+    ones = {"attn": 1.0, "qkv": 1.0, "mlp": 1.0}
+    assert torch.equal(grad(make("tgr", "vit", zero=False, gamma=ones)), mi)
+    scaled, regularized = grad(make("tgr", "vit", zero=False)), grad(make("tgr", "vit"))
     assert (scaled - regularized).abs().max() > 1e-3 * regularized.abs().max()
     assert (scaled - mi).abs().max() > 1e-3 * mi.abs().max()
 
 
 @pytest.mark.parametrize("kind", ["resnet", "resnetv2"])
 def test_timm_batch_equals_alone(kind: str):
-    assert_batch_invariant(TGR(steps=2), tiny_cnn(kind), n=3)
+    assert_batch_invariant(make("tgr", kind, steps=2), tiny_cnn(kind), n=3)
 
 
 def test_tfslim_batch_equals_alone_and_never_syncs(tf_net):
     model = PixelModel(tf_net, (0.5,) * 3, (0.5,) * 3, 96)  # a small input keeps the test short
-    assert_batch_invariant(TGR(steps=1), model, n=2)
-    attack = TGR(steps=1)
+    assert_batch_invariant(make("tgr", "tf_resnet_v2", steps=1), model, n=2)
+    attack = make("tgr", "tf_resnet_v2", steps=1)
     x, y = batch(2)
     with attack.source_context(model), forbid_host_sync() as calls:
         attack.perturb(model, x, y, [1, 2])
@@ -300,7 +301,12 @@ def test_tfslim_batch_equals_alone_and_never_syncs(tf_net):
 def test_timm_cnn_loop_and_hooks_never_sync():
     model = tiny_cnn("resnetv2")
     x, y = batch(2)
-    for attack in (TGR(steps=2), TGR(steps=2, variant="official"), SGM(steps=2)):
+    attacks = [
+        make("tgr", "resnetv2", steps=2),
+        make("tgr", "resnetv2", steps=2, variant="official"),
+        make("sgm", "resnetv2", steps=2),
+    ]
+    for attack in attacks:
         with attack.source_context(model), forbid_host_sync() as calls:
             attack.perturb(model, x, y, [1, 2])
         assert calls == [], attack.name
@@ -315,11 +321,11 @@ def test_sgm_on_resnet_v2_sources_scales_every_unit(tf_net):
         assert all(b.name.endswith(f".{last}") for b in sites)
     model = tiny_cnn("resnetv2")
     x, y = batch(2)
-    attack = SGM()
+    attack = make("sgm", "resnetv2")
     with attack.source_context(model):
         g = grad_of(attack, model, x, y)
     assert attack.fired["branch"] == 4
-    assert (g - grad_of(Attack(), model, x, y)).abs().max() > 1e-3 * g.abs().max()
+    assert (g - grad_of(make("mi"), model, x, y)).abs().max() > 1e-3 * g.abs().max()
     tf_sites = bind_sites(tf_net, family_of(tf_net, "branches"), table="branches")
     assert len(tf_sites) == 16 and all(b.name.endswith(".conv3") for b in tf_sites)
 
@@ -352,7 +358,7 @@ def test_full_size_cnns_bind_every_unit(name: str, family: str, units: int):
 
 
 # ---- 5. auto, params() and the run identity ------------------------------------------------------
-TODAYS_VIT_PARAMS = {  # what a default ViT TGR run recorded before `auto` existed
+VIT_PARAMS = {  # what a default ViT TGR run records
     "eps": 16.0,
     "steps": 10,
     "alpha": 1.6,
@@ -366,24 +372,23 @@ TODAYS_VIT_PARAMS = {  # what a default ViT TGR run recorded before `auto` exist
 }
 
 
+def built(make_cfg, *overrides: str):
+    cfg = make_cfg("attack=tgr", *overrides)
+    return build_attack(cfg.attack, source_family(cfg.source.model), cfg.source.key)
+
+
 @pytest.mark.parametrize("source", ["vit_base", "deit_b", "pit_b", "cait_s24", "visformer_s"])
-def test_vit_defaults_resolve_to_todays_params(make_cfg, source: str):
-    cfg = make_cfg("attack=tgr", f"source={source}")
-    attack = build_attack(cfg.attack)
-    attack.bind_family(source_family(cfg.source.model), cfg.source.key)
-    assert attack.params() == TODAYS_VIT_PARAMS
-    assert list(attack.params()) == list(TODAYS_VIT_PARAMS)  # the same order, too
-    assert attack.defaults() == TODAYS_VIT_PARAMS
-    explicit = build_attack(
-        make_cfg("attack=tgr", "attack.components=[attn,qkv,mlp]", "attack.variant=official").attack
-    )
-    assert explicit.params() == TODAYS_VIT_PARAMS  # nothing left to a family: no bind needed
+def test_vit_defaults_resolve_to_the_paper_params(make_cfg, source: str):
+    attack = built(make_cfg, f"source={source}")
+    assert attack.params() == VIT_PARAMS
+    assert list(attack.params()) == list(VIT_PARAMS)  # the same order, too
+    assert attack.defaults() == VIT_PARAMS
+    explicit = built(make_cfg, "attack.components=[attn,qkv,mlp]", "attack.variant=official")
+    assert explicit.params() == VIT_PARAMS
 
 
 def test_cnn_defaults_resolve_to_conv_clean(make_cfg):
-    cfg = make_cfg("attack=tgr", "source=test_resnet")
-    attack = build_attack(cfg.attack)
-    attack.bind_family(source_family(cfg.source.model), cfg.source.key)
+    attack = built(make_cfg, "source=test_resnet")
     params = attack.params()
     assert {k: params[k] for k in ("k", "gamma_conv", "components", "variant")} == {
         "k": 1,
@@ -393,47 +398,41 @@ def test_cnn_defaults_resolve_to_conv_clean(make_cfg):
     }
     assert not {"gamma_attn", "gamma_qkv", "gamma_mlp", "zero"} & set(params)
     assert attack.defaults() == params
-    official = TGR(variant="official")
-    official.bind_family("tf_resnet_v2")
-    assert official.params()["variant"] == "official"
+    assert make("tgr", "tf_resnet_v2", variant="official").params()["variant"] == "official"
 
 
 def test_zero_appears_in_params_only_when_off(make_cfg):
-    on = build_attack(make_cfg("attack=tgr", "attack.zero=true").attack)
-    off = build_attack(make_cfg("attack=tgr", "attack.zero=false").attack)
-    for attack in (on, off):
-        attack.bind_family("vit")
+    on = built(make_cfg, "attack.zero=true")
+    off = built(make_cfg, "attack.zero=false")
     assert "zero" not in on.params()
-    assert off.params() == {**TODAYS_VIT_PARAMS, "zero": False}
+    assert off.params() == {**VIT_PARAMS, "zero": False}
     assert "zero" not in off.defaults()
     with pytest.raises(UserError, match="attack.zero"):
-        TGR(zero="no")
+        make("tgr", "vit", zero="no")
 
 
-def test_params_before_the_family_is_known_is_an_internal_error():
-    with pytest.raises(RuntimeError, match="bind_family"):
-        TGR().params()
-    attack = TGR()
-    with attack.source_context(tiny_cnn("resnet")):  # the network resolves it too
-        assert attack.params()["components"] == "conv"
+def test_an_attack_with_sites_is_built_with_its_family():
+    """The family is known before the attack exists: params() is total from the start."""
+    for name in ("tgr", "sgm", "pna"):
+        with pytest.raises(UserError, match=f"{name.upper()} does not support the source"):
+            make(name, None)
+    attack = make("tgr", "resnet")
+    assert attack.params()["components"] == "conv" and attack.family.name == "resnet"
 
 
-def test_declared_family_must_match_the_network():
-    attack = TGR()
-    attack.bind_family("vit", "vit_base")
-    with pytest.raises(UserError, match="configured for the vit family"):
+def test_the_network_must_be_of_the_attack_family():
+    attack = make("tgr", "vit")
+    with pytest.raises(UserError, match="built for the vit family"):
         attack.source_context(tiny_cnn("resnet")).__enter__()
 
 
 def test_components_must_exist_on_the_family():
-    attack = TGR(components=["attn", "qkv"])
     with pytest.raises(UserError, match="resnet family has no"):
-        attack.bind_family("resnet")
-    with pytest.raises(UserError, match="resnet family has no"):
-        attack.source_context(tiny_cnn("resnet")).__enter__()
+        make("tgr", "resnet", components=["attn", "qkv"])
     with pytest.raises(UserError, match="no source family has all"):
-        TGR(components=["attn", "conv"])
-    assert TGR(components="conv", variant="clean").params()["components"] == "conv"
+        make("tgr", "resnet", components=["attn", "conv"])
+    tgr = make("tgr", "resnet", components="conv", variant="clean")
+    assert tgr.params()["components"] == "conv"
 
 
 # ---- 6. refusals ---------------------------------------------------------------------------------
@@ -444,27 +443,28 @@ ALL_FAMILIES = (
 
 def test_pna_on_a_cnn_is_refused_with_the_supported_families():
     with pytest.raises(UserError, match="PNA does not support .*families are vit .*visformer") as e:
-        PNA().source_context(tiny_cnn("resnet")).__enter__()
+        make("pna", "resnet")
     assert "resnet" not in str(e.value).split("supported families are")[1]
     with pytest.raises(UserError, match="PNA does not support the source test_resnet"):
-        PNA().bind_family(source_family("test_resnet.r160_in1k"), "test_resnet")
+        create("pna", source_family("test_resnet.r160_in1k"), source="test_resnet")
 
 
 @pytest.mark.parametrize("model", ["inception_v3.tf_in1k", "inc_v3", "incres_v2", "test_convnext"])
 def test_tgr_on_a_source_without_sites_is_refused(model: str):
     assert source_family(model) is None
     with pytest.raises(UserError, match=f"TGR does not support the source {model}: {ALL_FAMILIES}"):
-        TGR().bind_family(source_family(model), model)
+        create("tgr", source_family(model), source=model)
     with pytest.raises(UserError, match="SGM does not support"):
-        SGM().bind_family(source_family(model), model)
+        create("sgm", source_family(model), source=model)
 
 
 @pytest.mark.parametrize("key", ["inc_v3", "inc_v4", "incres_v2"])
 def test_tfslim_inception_networks_are_refused(key: str):
+    """An attack built for another family refuses the network it is given."""
     model = PixelModel(create_network(key), (0.5,) * 3, (0.5,) * 3, 299)
-    for attack in (TGR(), SGM(), PNA()):
-        with pytest.raises(UserError, match=f"{attack.name.upper()} does not support"):
-            attack.source_context(model).__enter__()
+    for name in ("tgr", "sgm", "pna"):
+        with pytest.raises(UserError, match=f"{name.upper()} does not support"):
+            make(name, "vit").source_context(model).__enter__()
 
 
 def test_timm_inception_network_is_refused():
@@ -473,4 +473,4 @@ def test_timm_inception_network_is_refused():
     with pytest.raises(
         UserError, match=f"support the source architecture InceptionV3: {ALL_FAMILIES}"
     ):
-        TGR().source_context(PixelModel(net, (0.5,) * 3, (0.5,) * 3, 299)).__enter__()
+        make("tgr", "vit").source_context(PixelModel(net, (0.5,) * 3, (0.5,) * 3, 299)).__enter__()

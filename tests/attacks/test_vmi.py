@@ -7,13 +7,12 @@ import torch
 import torch.nn.functional as F
 
 from tests.attacks.support import assert_batch_invariant
-from tests.tiny import batch, tiny
-from tgr_bench.attacks import VMI, Attack
+from tests.tiny import batch, make, tiny
 from tgr_bench.images import quantize
 
 
 # ---- VMI --------------------------------------------------------------------------------------
-def reference_vmi(model, x, y, seeds, attack: VMI) -> torch.Tensor:
+def reference_vmi(model, x, y, seeds, attack) -> torch.Tensor:
     """docs/baselines.md section 3, one image and one neighbour at a time, same noise draws."""
 
     def grad(inp, label):
@@ -42,17 +41,17 @@ def test_vmi_equals_step_by_step_reference():
     model = tiny("vit")
     x, y = batch(2)
     seeds = [11, 12]
-    attack = VMI(steps=3, n_samples=4, beta=1.5)
+    attack = make("vmi", steps=3, n_samples=4, beta=1.5)
     adv = attack.perturb(model, x, y, seeds)
     ref = reference_vmi(model, x, y, seeds, attack)
     clean = (x * 255).round().to(torch.uint8)
     assert torch.equal(quantize(adv, clean, 16), quantize(ref, clean, 16))
-    mi = Attack(steps=3).perturb(model, x, y, seeds)
+    mi = make("mi", steps=3).perturb(model, x, y, seeds)
     assert not torch.equal(adv, mi)  # the variance term changes the result
 
 
 def test_vmi_noise_is_uniform_in_the_neighbourhood_and_per_image():
-    attack = VMI(n_samples=6, beta=1.5)
+    attack = make("vmi", n_samples=6, beta=1.5)
     x = torch.zeros(2, 3, 8, 8)
     both = attack.neighbour_noise(x, 2, [5, 9])
     assert both.shape == (2, 6, 3, 8, 8)
@@ -63,7 +62,7 @@ def test_vmi_noise_is_uniform_in_the_neighbourhood_and_per_image():
 
 
 def test_vmi_batch_invariance():
-    assert_batch_invariant(VMI(steps=2, n_samples=3), tiny("vit"))
+    assert_batch_invariant(make("vmi", steps=2, n_samples=3), tiny("vit"))
 
 
 @pytest.mark.parametrize("chunk,passes", [(None, 1), (8, 3)])
@@ -72,7 +71,7 @@ def test_vmi_neighbours_are_batched(chunk, passes):
     sizes = []
     handle = model.register_forward_hook(lambda m, a, o: sizes.append(a[0].shape[0]))
     x, y = batch(2)
-    VMI(steps=1, n_samples=20, chunk=chunk).perturb(model, x, y, [0, 1])
+    make("vmi", steps=1, n_samples=20, chunk=chunk).perturb(model, x, y, [0, 1])
     handle.remove()
     assert sizes[0] == 2  # the gradient at x_t
     assert sizes[1:] == ([40] if chunk is None else [16, 16, 8])

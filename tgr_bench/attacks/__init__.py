@@ -1,36 +1,78 @@
-"""Attack registry: `attack.name` in the config picks a class from ATTACKS."""
+"""Attack registry: `attack.name` in the config picks a class from ATTACKS; `create` builds one.
+
+An attack is built once, with its validated settings and the source's family (from the model
+name, before any network exists): what resolves per family (TGR's `auto`) is settled then, and
+a family the attack has no sites for is refused, naming the supported ones.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
-from omegaconf import OmegaConf
-
-from tgr_bench.attacks.architectures import source_family
-from tgr_bench.attacks.base import Attack
+from tgr_bench.attacks.architectures import Family, family_named
+from tgr_bench.attacks.base import MIFGSM, MISettings
+from tgr_bench.attacks.hooks import GradientHookAttack
 from tgr_bench.attacks.pna import PNA
 from tgr_bench.attacks.sgm import SGM
 from tgr_bench.attacks.tgr import TGR
 from tgr_bench.attacks.vmi import VMI
 from tgr_bench.errors import UserError
+from tgr_bench.schema import closest, parse
 
-ATTACKS: dict[str, type[Attack]] = {cls.name: cls for cls in (Attack, VMI, SGM, PNA, TGR)}
+ATTACKS: dict[str, type[MIFGSM]] = {cls.name: cls for cls in (MIFGSM, VMI, SGM, PNA, TGR)}
+
+
+def _family(cls: type[MIFGSM], family: Family | str | None, source: str | None) -> Family | None:
+    """The family object an attack class is built with; hook attacks refuse a family they have
+    no sites for (or none), naming the source."""
+    name = family.name if isinstance(family, Family) else family
+    if issubclass(cls, GradientHookAttack):
+        return family_named(name, cls.table, cls.name.upper(), cls.needs, source)
+    return None if name is None else family_named(name, attack=cls.name.upper(), source=source)
+
+
+def create(
+    name: str,
+    family: Family | str | None = None,
+    *,
+    where: str = "attack",
+    source: str | None = None,
+    **keys: Any,
+) -> MIFGSM:
+    """The attack `name` (`mi`, `tgr`, ...) with `keys` (the config's keys, e.g. k=2,
+    di={"enabled": True}) checked as on the command line, for a source of `family`
+    (architectures.source_family of its model name; a Family or its name). `where` names the
+    settings in messages, `source` the source model."""
+    if name not in ATTACKS:
+        raise UserError(
+            f"Unknown attack {name!r}; available: {', '.join(sorted(ATTACKS))}. "
+            f"{closest(str(name), list(ATTACKS))}".rstrip()
+        )
+    cls = ATTACKS[name]
+    found = _family(cls, family, source)
+    return cls(parse(cls.Settings, {**keys, "name": name}, where), found)
 
 
 def build_attack(
-    cfg: Any, source_model: str | None = None, source_key: str | None = None
-) -> Attack:
-    """The attack of an `attack` config. With the source's model name (a timm name or a
-    TF-slim key), it is bound to the source's family, so that `params()` holds the values that
-    settings such as TGR's `auto` resolve to (they are part of the run identity)."""
-    params = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
-    name = params.get("name")
-    if name not in ATTACKS:
-        raise UserError(f"Unknown attack {name!r}; available: {', '.join(sorted(ATTACKS))}.")
-    attack = ATTACKS[name].from_cfg(params)
-    if source_model is not None:
-        attack.bind_family(source_family(source_model), source_key or source_model)
-    return attack
+    config: Mapping[str, Any],
+    family: Family | str | None = None,
+    source: str | None = None,
+    where: str = "attack",
+) -> MIFGSM:
+    """The attack of an `attack` config group (a mapping with its `name`)."""
+    keys = dict(config)
+    return create(str(keys.pop("name", "mi")), family, where=where, source=source, **keys)
 
 
-__all__ = ["ATTACKS", "PNA", "SGM", "TGR", "VMI", "Attack", "build_attack"]
+__all__ = [
+    "ATTACKS",
+    "MIFGSM",
+    "PNA",
+    "SGM",
+    "TGR",
+    "VMI",
+    "MISettings",
+    "build_attack",
+    "create",
+]

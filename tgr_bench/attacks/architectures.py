@@ -78,8 +78,8 @@ class Family:
     # (tgr_bench.tfslim.registry): how `source_family` knows the family from a model name.
     timm_modules: tuple[str, ...] = ()
     tfslim: tuple[str, ...] = ()
-    # What attack.variant=auto means here. Transformers: `official`, the setting run identities
-    # had before `auto` existed (only CaiT has variant-dependent rows). CNNs: `clean`, since the
+    # What attack.variant=auto means here. Transformers: `official`, the released code that made
+    # the paper's tables (only CaiT has variant-dependent rows). CNNs: `clean`, since the
     # released CNN code (scale only, from a model-name mismatch) is not the paper's method.
     auto_variant: str = "official"
     label: str = ""  # how messages show the family's classes; default: the class names
@@ -228,7 +228,6 @@ FAMILIES: tuple[Family, ...] = (
     ),
 )
 VARIANTS = ("official", "clean")
-AUTO = "auto"  # attack.components / attack.variant: decided by the source's family
 
 
 def _class_names(cls: type) -> set[str]:
@@ -294,9 +293,8 @@ def source_family(model: str) -> str | None:
     (`res_v2_101`). None: no family covers it (Inception, ConvNeXt, LeViT, unknown names), which
     the gradient-editing attacks refuse. timm names map through the module that registers the
     architecture (timm.models.get_arch_name, then is_model_in_modules), so new models of a
-    supported module need no change here. The run's caller passes the result to
-    `attack.bind_family` before asking `attack.params()`; entering `source_context` later checks
-    that the built network is of that family.
+    supported module need no change here. Attacks are built with it (attacks.create), and
+    entering their `source_context` checks that the built network is of that family.
     """
     if model in TFSLIM_FILES:
         architecture = TFSLIM_FILES[model].architecture
@@ -324,17 +322,28 @@ def _resolve(block: nn.Module, path: str) -> tuple[str, nn.Module | None]:
     return path, None
 
 
-def _containers(root: nn.Module, path: str, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
-    """(concrete path, module) for a path whose parts may be '*' (every child)."""
+def containers(
+    root: nn.Module, path: str, prefix: str = "", strict: bool = False
+) -> Iterator[tuple[str, nn.Module]]:
+    """(concrete path, module) for a path whose parts may be '*' (every child). A part that is
+    missing is skipped, or, `strict`, an error saying the layout differs from the table."""
     head, _, rest = path.partition(".")
-    every = head == "*"
-    children = list(root.named_children()) if every else [(head, getattr(root, head, None))]
+    if head == "*":
+        children = list(root.named_children())
+    else:
+        child = getattr(root, head, None)
+        if strict and not isinstance(child, nn.Module):
+            raise UserError(
+                f"{type(root).__name__} has no module {prefix}{head}: this timm version's layout "
+                f"differs from the block table of tgr_bench/variance/blocks.py."
+            )
+        children = [(head, child)]
     for name, child in children:
         if child is None:
             continue
         here = f"{prefix}{name}"
         if rest:
-            yield from _containers(child, rest, here + ".")
+            yield from containers(child, rest, here + ".", strict)
         else:
             yield here, child
 
@@ -354,7 +363,7 @@ def bind_sites(
     for group in getattr(family, table):
         if variant not in group.variants:
             continue
-        for where, container in _containers(net, group.path):
+        for where, container in containers(net, group.path):
             for i, block in enumerate(container.children()):
                 if group.indices is not None and i not in group.indices:
                     continue

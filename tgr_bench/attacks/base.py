@@ -16,19 +16,21 @@ away from the true one.
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tgr_bench.attacks.architectures import Family
 from tgr_bench.attacks.draws import mix
 from tgr_bench.attacks.modifiers import DI, MODIFIERS, SI, TI, Admix, PartnerPool
 from tgr_bench.attacks.patchout import PatchOut
-from tgr_bench.errors import UserError, number, whole
+from tgr_bench.errors import UserError
 from tgr_bench.pixels import Pixels
+from tgr_bench.schema import Levels, key
 
 # Where a targeted attack's target label comes from: auto = the labels.csv `target` column when
 # the data has one, else a seeded draw; random = uniform over the other 999 classes per image;
@@ -36,67 +38,61 @@ from tgr_bench.pixels import Pixels
 TARGET_MODES = ("auto", "random", "least_likely", "labels")
 
 
-def levels(name: str, value: object) -> float:
-    """A budget in 0-255 pixel levels. Values below 1 are refused: they are almost always the
-    [0,1] convention of other attack libraries (eps 16/255 = 0.0627), which here would attack
-    with a fraction of one level and report a white-box success of zero."""
-    v = number(name, value)
-    if 0 < v < 1:
-        meant = v * 255
-        meant = round(meant) if abs(meant - round(meant)) < 0.05 else round(meant, 1)
-        raise UserError(
-            f"{name}={v} is below one pixel level: tgr-bench takes budgets in 0-255 pixel levels, "
-            f"not in [0,1]. You probably meant {name}={meant:g}."
-        )
-    if not 0 < v <= 255:
-        raise UserError(f"{name}={v:g} is outside (0, 255]: it is in 0-255 pixel levels.")
-    return v
+@dataclass(frozen=True)
+class MISettings:
+    """attack=mi: the MI-FGSM loop every attack shares, and the modifiers every attack takes."""
+
+    name: str = key("mi", help="the attack's class (attack=<choice> picks a preset of it)")
+    eps: Levels = key(16.0, help="L-inf budget in 0-255 pixel levels")
+    steps: int = key(10, low=1)
+    alpha: Levels | None = key(None, help="step size in pixel levels; null = eps / steps")
+    decay: float = key(1.0, low=0, help="momentum mu")
+    patchout: PatchOut = key(PatchOut, help="PatchOut (Wei et al., AAAI 2022)")
+    di: DI = key(DI, help="diverse inputs (Xie et al., CVPR 2019)")
+    ti: TI = key(TI, help="translation invariance (Dong et al., CVPR 2019)")
+    si: SI = key(SI, help="scale invariance (Lin et al., ICLR 2020)")
+    admix: Admix = key(Admix, help="Admix (Wang et al., ICCV 2021)")
+    targeted: bool = key(False, help="true: descend the cross-entropy toward a target label")
+    target: str = key(
+        "auto",
+        options=TARGET_MODES,
+        help="auto (labels.csv target column, else random) | random | least_likely | labels",
+    )
+
+    def check(self, where: str) -> None:
+        if self.si.enabled and self.admix.enabled:
+            raise UserError(
+                f"{where}.si and {where}.admix are both on: Admix already averages over "
+                f"{where}.admix.m1 scales (SI's copies); enable one of them."
+            )
 
 
-class Attack:
+class MIFGSM:
+    """The MI-FGSM loop (Dong et al., CVPR 2018), the base of every attack here: built once
+    from its validated settings and the source's family (None: a source of no family, which
+    the loop itself does not need)."""
+
     name: ClassVar[str] = "mi"
+    Settings: ClassVar[type[MISettings]] = MISettings
     reference: ClassVar[str] = (
         "MI-FGSM: Dong et al., Boosting Adversarial Attacks with Momentum, CVPR 2018"
     )
 
-    def __init__(
-        self,
-        eps: float = 16.0,
-        steps: int = 10,
-        alpha: float | None = None,
-        decay: float = 1.0,
-        patchout: dict[str, Any] | None = None,
-        di: dict[str, Any] | None = None,
-        ti: dict[str, Any] | None = None,
-        si: dict[str, Any] | None = None,
-        admix: dict[str, Any] | None = None,
-        targeted: bool = False,
-        target: str = "auto",
-    ) -> None:
-        eps = levels("attack.eps", eps)
-        steps = whole("attack.steps", steps)
-        alpha = None if alpha is None else levels("attack.alpha", alpha)
-        if number("attack.decay", decay) < 0:
-            raise UserError(f"attack.decay={decay}: the momentum decay must be >= 0.")
-        self.eps_levels = float(eps)
-        self.steps = int(steps)
-        self.alpha_levels = float(alpha) if alpha is not None else self.eps_levels / self.steps
-        self.decay = float(decay)
+    def __init__(self, settings: MISettings | None = None, family: Family | None = None) -> None:
+        s = settings if settings is not None else self.Settings()
+        self.settings, self.family = s, family
+        self.eps_levels = float(s.eps)
+        self.steps = int(s.steps)
+        self.alpha_levels = float(s.alpha) if s.alpha is not None else self.eps_levels / self.steps
+        self.decay = float(s.decay)
         self.eps = self.eps_levels / 255.0
         self.alpha = self.alpha_levels / 255.0
-        self.patchout = PatchOut.from_cfg(patchout)
-        self.di, self.ti = DI.from_cfg(di), TI.from_cfg(ti)
-        self.si, self.admix = SI.from_cfg(si), Admix.from_cfg(admix)
-        if self.si and self.admix:
-            raise UserError(
-                "attack.si and attack.admix are both on: Admix already averages over "
-                "attack.admix.m1 scales (SI's copies); enable one of them."
-            )
-        if not isinstance(targeted, bool):
-            raise UserError(f"attack.targeted={targeted!r}: use true or false.")
-        if target not in TARGET_MODES:
-            raise UserError(f"attack.target={target!r}: choose one of {list(TARGET_MODES)}.")
-        self.targeted, self.target = targeted, target
+        self.patchout = s.patchout if s.patchout.enabled else None
+        self.di = s.di if s.di.enabled else None
+        self.ti = s.ti if s.ti.enabled else None
+        self.si = s.si if s.si.enabled else None
+        self.admix = s.admix if s.admix.enabled else None
+        self.targeted, self.target = s.targeted, s.target
         self.pool: PartnerPool | None = None  # Admix's clean images (use_pool)
         # SI/Admix copies per image in one pass; None = all at once, halved on out-of-memory.
         self.copy_chunk: int | None = None
@@ -119,25 +115,6 @@ class Attack:
         """Give Admix its partners: the clean images of the whole data set, in listing order."""
         self.pool = PartnerPool(pixels)
 
-    @classmethod
-    def from_cfg(cls, cfg: dict[str, Any]) -> Attack:
-        params = {k: v for k, v in cfg.items() if k != "name"}
-        valid = set()
-        for base in cls.__mro__:  # each class names its own settings, passing the rest up
-            if "__init__" in vars(base) and issubclass(base, Attack):
-                valid |= {
-                    p.name
-                    for p in inspect.signature(base.__init__).parameters.values()
-                    if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
-                }
-        unknown = set(params) - valid
-        if unknown:
-            raise UserError(
-                f"Attack {cls.name!r} has no parameters {sorted(unknown)}; "
-                f"its parameters are {sorted(valid)}."
-            )
-        return cls(**params)
-
     def params(self) -> dict[str, Any]:
         """Every hyper-parameter that decides the result, in pixel units, for the results table."""
         return {
@@ -156,15 +133,10 @@ class Attack:
         if self.di is not None:
             self.di.check_size(height, width)
 
-    def bind_family(self, family: str | None, source: str | None = None) -> None:
-        """Learn the source's family (architectures.source_family) before `params()` is asked:
-        attacks whose settings resolve per family (TGR's `auto`) or that need sites refuse an
-        unsupported source here, before any work. The plain loop needs nothing."""
-
     def defaults(self) -> dict[str, Any]:
-        """`params()` of this attack with every setting at its default (the sweep plots mark
-        the default value)."""
-        return type(self)().params()
+        """`params()` of this attack with every setting at its default, on the same source
+        family (the sweep plots mark the default value)."""
+        return type(self)(self.Settings(), self.family).params()
 
     # ---- hook points -------------------------------------------------------------------------
     @contextlib.contextmanager

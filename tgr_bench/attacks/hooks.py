@@ -6,10 +6,10 @@ source is attacked, runs the source on the explicit attention path, and proves b
 with one probe forward/backward, that every site fires. Hooks only count in Python and call
 torch ops: no host syncs.
 
-The source's family is known twice: from the model name at config time (`bind_family`, which a
-run calls before `params()`, because settings such as TGR's `auto` defaults resolve per family
-and are part of the run identity), and from the built network (`source_context`). The two must
-agree; code that only attacks a network (benchmarks, tests) may skip `bind_family`.
+The attack is built with the source's family (known from the model name before any network
+exists, architectures.source_family), so settings that resolve per family (TGR's `auto`) are
+settled at construction and `params()` is total. `source_context` checks that the network it
+is given is of that family.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from tgr_bench.attacks.architectures import (
     family_named,
     family_of,
 )
-from tgr_bench.attacks.base import Attack
+from tgr_bench.attacks.base import MIFGSM, MISettings
 from tgr_bench.errors import UserError
 
 
@@ -47,36 +47,22 @@ def set_fused_attn(model: nn.Module, enabled: bool) -> list[tuple[nn.Module, boo
     return previous
 
 
-class GradientHookAttack(Attack):
+class GradientHookAttack(MIFGSM):
     table: ClassVar[str] = "tgr"  # the site table of architectures.py: "tgr" or "branches"
     needs: ClassVar[str | None] = None  # a TGR component the family must have (PNA: attn)
 
-    def __init__(self, **loop: Any) -> None:  # the MI-FGSM settings of Attack
-        super().__init__(**loop)
+    def __init__(self, settings: MISettings | None = None, family: Family | None = None) -> None:
+        super().__init__(settings, family)
+        # A family without sites for this attack (or none) is refused here, before any work.
+        self.family: Family = family_named(
+            family.name if family else None, self.table, self.name.upper(), self.needs
+        )
         self.fired: Counter[str] = Counter()
-        self.family: str | None = None  # the family in use (run.json: <name>_family)
-        self._declared: str | None = None  # the family named by bind_family, from the config
         self._sites: list[BoundSite] = []
         self._site_fired: Counter[str] = Counter()  # per bound site: the probe's proof
         self._attacked = False  # a resumed run may have nothing left to attack
 
-    def bind_family(self, family: str | None, source: str | None = None) -> None:
-        """Declare the source's family before `params()` is asked.
-
-        `family` is `architectures.source_family(<the source's model name>)`; `source` names
-        the source in messages. A family without sites for this attack (or None) is refused here,
-        before any work, with the list of supported families. Entering `source_context` later
-        refuses a network of another family.
-        """
-        found = family_named(family, self.table, self.name.upper(), self.needs, source)
-        self.resolve(found)
-        self._declared = self.family = found.name
-
     # ---- what a subclass decides -------------------------------------------------------------
-    def resolve(self, family: Family) -> None:
-        """Settle the settings that depend on the family (TGR's `auto`); UserError if one does
-        not fit it. Called by `bind_family` and again by `source_context`: must be idempotent."""
-
     def sites(self, net: nn.Module, family: Family) -> list[BoundSite]:
         raise NotImplementedError
 
@@ -95,7 +81,7 @@ class GradientHookAttack(Attack):
             **super().stats(),
             f"{self.name}_fired": dict(self.fired),
             f"{self.name}_sites": dict(Counter(b.site.component for b in self._sites)),
-            f"{self.name}_family": self.family,
+            f"{self.name}_family": self.family.name,
         }
 
     def _edit(self, bound: BoundSite, g: torch.Tensor) -> torch.Tensor:
@@ -105,16 +91,14 @@ class GradientHookAttack(Attack):
 
     def _bind(self, net: nn.Module) -> list[BoundSite]:
         family = family_of(net, self.table, self.name.upper(), self.needs)
-        if self._declared is not None and family.name != self._declared:
+        if family.name != self.family.name:
             raise UserError(
                 f"The source network is a {type(net).__name__} of the {family.name} family, but "
-                f"the run was configured for the {self._declared} family (from the source's "
+                f"the attack was built for the {self.family.name} family (from the source's "
                 f"model name), and its settings and identity were resolved for that. Fix the "
                 f"timm_modules/tfslim entries of tgr_bench/attacks/architectures.py so that "
                 f"source_family maps this model name to {family.name}."
             )
-        self.family = family.name
-        self.resolve(family)
         return self.sites(net, family)
 
     def _install(self, bound: BoundSite) -> Any:
@@ -173,7 +157,7 @@ class GradientHookAttack(Attack):
         silent = [c for c in self.expected_components() if self.fired[c] == 0]
         if silent:
             raise UserError(
-                f"{self.name.upper()} component(s) {silent} never fired on the {self.family} "
+                f"{self.name.upper()} component(s) {silent} never fired on the {self.family.name} "
                 f"source during the {stage}: the attack would silently be plain MI-FGSM there. "
                 f"Is fused attention still on, or did the timm version change the module layout "
                 f"of tgr_bench/attacks/architectures.py? Fired counts: {dict(self.fired)}."
@@ -185,7 +169,7 @@ class GradientHookAttack(Attack):
             shown = ", ".join(missed[:5]) + (", ..." if len(missed) > 5 else "")
             raise UserError(
                 f"{self.name.upper()} edited nothing at {len(missed)} of {len(self._sites)} "
-                f"sites of the {self.family} source during the probe ({shown}): those units "
+                f"sites of the {self.family.name} source during the probe ({shown}): those units "
                 f"would silently run unedited. Did the timm version change how these modules are "
                 f"called, or the layout of tgr_bench/attacks/architectures.py?"
             )

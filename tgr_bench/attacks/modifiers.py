@@ -1,40 +1,28 @@
 """Input-transformation and gradient-smoothing modifiers of every attack: DI, TI, SI, Admix.
 
 Each is off unless `attack.<name>.enabled=true`; an enabled one names itself in the attack's
-label (`tgr_di_ti`) and its settings in `params()`, a disabled one appears nowhere (so adding
-these settings changed no run id). Inside one iteration (docs/baselines.md section 7): PatchOut's
-mask, then the SI or Admix copies of each image, then DI on every copy with its own draw; the
-attack's backward hooks act in every copy; the input gradient is the mean over copies; TI
-smooths it; then the momentum update. Every random draw is the image's own (draws.py): an
-image's result never depends on its batch.
+label (`tgr_di_ti`) and its settings in `params()`, a disabled one appears nowhere (so a
+setting of a modifier that is off never changes a run id). Inside one iteration
+(docs/baselines.md section 7): PatchOut's mask, then the SI or Admix copies of each image, then
+DI on every copy with its own draw; the attack's backward hooks act in every copy; the input
+gradient is the mean over copies; TI smooths it; then the momentum update. Every random draw is
+the image's own (draws.py): an image's result never depends on its batch.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from tgr_bench.attacks.draws import mix, randint, uniform
-from tgr_bench.errors import UserError, flag, number, whole
+from tgr_bench.errors import UserError
 from tgr_bench.pixels import Pixels
-
-
-def _from_cfg(cls: type, name: str, cfg: dict[str, Any] | None) -> Any:
-    cfg = dict(cfg or {})
-    enabled = flag(f"attack.{name}.enabled", cfg.pop("enabled", False))
-    valid = {f.name for f in fields(cls)}
-    unknown = set(cfg) - valid
-    if unknown:
-        raise UserError(
-            f"attack.{name} has no keys {sorted(unknown)}; valid: enabled, {', '.join(valid)}."
-        )
-    modifier = cls(**cfg)  # checked even when off: a bad value must not wait to be switched on
-    return modifier if enabled else None
+from tgr_bench.schema import key
 
 
 @dataclass(frozen=True)
@@ -44,21 +32,18 @@ class DI:
     offset to the larger square, and resized back to S (bilinear, align_corners=False). S is the
     stored image size: the attack perturbs stored pixels before the model's own resize."""
 
-    p: float = 0.5
-    rate: float = 1.1  # TransferAttack's; torchattacks shrinks (0.9)
-
-    def __post_init__(self) -> None:
-        if not 0 <= number("attack.di.p", self.p) <= 1:
-            raise UserError(f"attack.di.p={self.p} is a probability: choose it in [0, 1].")
-        if not 0 < number("attack.di.rate", self.rate) <= 2:
-            raise UserError(
-                f"attack.di.rate={self.rate}: choose a resize factor in (0, 2] (usually 1.1 to "
-                f"enlarge or 0.9 to shrink); the canvas grows with its square."
-            )
-
-    @classmethod
-    def from_cfg(cls, cfg: dict[str, Any] | None) -> DI | None:
-        return _from_cfg(cls, "di", cfg)
+    enabled: bool = key(False)
+    p: float = key(
+        0.5, low=0, high=1, help="probability of transforming an input, per image, copy and step"
+    )
+    rate: float = key(
+        1.1,
+        low=0,
+        high=2,
+        low_open=True,
+        help="resize to r in [S, S*rate), pad to S*rate, back to S (usually 1.1 to enlarge, "
+        "TransferAttack; 0.9 to shrink, torchattacks); the canvas grows with its square",
+    )
 
     def params(self) -> dict[str, Any]:
         return {"di_p": float(self.p), "di_rate": float(self.rate)}
@@ -93,12 +78,12 @@ class DI:
         scaled = math.floor(size * self.rate)
         low, high = min(size, scaled), max(size, scaled)
         chosen: dict[int, list[tuple[int, int, int]]] = {}
-        for i, key in enumerate(keys):
-            if uniform(mix(key, 1)) < self.p:
-                r = randint(mix(key, 2), low, high)
+        for i, k in enumerate(keys):
+            if uniform(mix(k, 1)) < self.p:
+                r = randint(mix(k, 2), low, high)
                 # Offsets in [0, high - r), as the original code and its ports draw them.
-                top = randint(mix(key, 3), 0, high - r)
-                left = randint(mix(key, 4), 0, high - r)
+                top = randint(mix(k, 3), 0, high - r)
+                left = randint(mix(k, 4), 0, high - r)
                 chosen.setdefault(r, []).append((i, top, left))
         if not chosen:
             return x
@@ -138,19 +123,15 @@ class TI:
     channel, with a normalized 2-D Gaussian kernel (the outer product of the standard normal pdf
     at linspace(-nsig, nsig, size)), zero padding size // 2, before the momentum update."""
 
-    size: int = 15  # some ViT papers use 7
-    nsig: float = 3.0
+    enabled: bool = key(False)
+    size: int = key(15, low=1, help="kernel size, odd (some ViT papers use 7)")
+    nsig: float = key(
+        3.0, low=0, low_open=True, help="the kernel spans -nsig..nsig standard deviations"
+    )
 
-    def __post_init__(self) -> None:
-        size = whole("attack.ti.size", self.size)
-        if size % 2 == 0:
-            raise UserError(f"attack.ti.size={size}: need an odd kernel size (centred).")
-        if number("attack.ti.nsig", self.nsig) <= 0:
-            raise UserError(f"attack.ti.nsig={self.nsig}: need a positive width.")
-
-    @classmethod
-    def from_cfg(cls, cfg: dict[str, Any] | None) -> TI | None:
-        return _from_cfg(cls, "ti", cfg)
+    def check(self, where: str) -> None:
+        if self.size % 2 == 0:
+            raise UserError(f"{where}.size={self.size}: need an odd kernel size (centred).")
 
     def params(self) -> dict[str, Any]:
         return {"ti_size": self.size, "ti_nsig": float(self.nsig)}
@@ -190,17 +171,13 @@ class SI:
     torchattacks); `space=model` scales the model's normalized input, as the original code did
     with inputs in [-1, 1]."""
 
-    m: int = 5
-    space: str = "pixels"
-
-    def __post_init__(self) -> None:
-        whole("attack.si.m", self.m)
-        if self.space not in SCALE_SPACES:
-            raise UserError(f"attack.si.space={self.space!r}: choose one of {SCALE_SPACES}.")
-
-    @classmethod
-    def from_cfg(cls, cfg: dict[str, Any] | None) -> SI | None:
-        return _from_cfg(cls, "si", cfg)
+    enabled: bool = key(False)
+    m: int = key(5, low=1, help="copies i = 0..m-1")
+    space: str = key(
+        "pixels",
+        options=SCALE_SPACES,
+        help="pixels: scale [0,1] pixels | model: scale the model's normalized input",
+    )
 
     def params(self) -> dict[str, Any]:
         return {"si_m": self.m, "si_space": self.space}
@@ -221,19 +198,10 @@ class Admix:
     iteration, from the OTHER clean images of the whole data set as listed before data.limit and
     sharding (not from the batch: merged shards equal the unsharded run)."""
 
-    m1: int = 5
-    m2: int = 3
-    eta: float = 0.2
-
-    def __post_init__(self) -> None:
-        whole("attack.admix.m1", self.m1)
-        whole("attack.admix.m2", self.m2)
-        if not 0 <= number("attack.admix.eta", self.eta) <= 1:
-            raise UserError(f"attack.admix.eta={self.eta}: choose the mixing weight in [0, 1].")
-
-    @classmethod
-    def from_cfg(cls, cfg: dict[str, Any] | None) -> Admix | None:
-        return _from_cfg(cls, "admix", cfg)
+    enabled: bool = key(False)
+    m1: int = key(5, low=1, help="scales")
+    m2: int = key(3, low=1, help="partners x'_j, drawn from the other images of the data set")
+    eta: float = key(0.2, low=0, high=1, help="the mixing weight")
 
     def params(self) -> dict[str, Any]:
         return {"admix_m1": self.m1, "admix_m2": self.m2, "admix_eta": float(self.eta)}
@@ -244,9 +212,9 @@ class Admix:
         if pool_size < 2:
             raise UserError("attack.admix needs a data set of at least two images to mix.")
         out = []
-        for i, key in zip(own, keys, strict=True):
+        for i, k in zip(own, keys, strict=True):
             for j in range(self.m2):
-                r = randint(mix(key, 0xAD, j), 0, pool_size - 1)
+                r = randint(mix(k, 0xAD, j), 0, pool_size - 1)
                 out.append(r + (r >= i))
         return out
 

@@ -8,38 +8,25 @@ from typing import Any
 
 import torch
 
-from tgr_bench.errors import UserError, flag, number
+from tgr_bench.errors import UserError
+from tgr_bench.schema import key
 
 MASK_MODES = ("per_image", "step")
 
 
 @dataclass(frozen=True)
 class PatchOut:
-    n_patches: int = 130
-    patch_size: int = 16
-    l2: float = 0.0  # lambda of the per-image ||delta_i||_2 term added to the loss
-    mask: str = "per_image"  # per_image: drawn from each image's seed; step: one mask per step
-
-    @classmethod
-    def from_cfg(cls, cfg: dict[str, Any] | None) -> PatchOut | None:
-        cfg = dict(cfg or {})
-        enabled = flag("attack.patchout.enabled", cfg.pop("enabled", False))
-        unknown = set(cfg) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise UserError(
-                f"attack.patchout has no keys {sorted(unknown)}; valid: enabled, "
-                f"{', '.join(cls.__dataclass_fields__)}."
-            )
-        p = cls(**cfg)
-        if not isinstance(p.n_patches, int) or p.n_patches < 1:
-            raise UserError(f"attack.patchout.n_patches={p.n_patches!r}: need an int >= 1.")
-        if not isinstance(p.patch_size, int) or p.patch_size < 1:
-            raise UserError(f"attack.patchout.patch_size={p.patch_size!r}: need an int >= 1.")
-        if number("attack.patchout.l2", p.l2) < 0:
-            raise UserError(f"attack.patchout.l2={p.l2}: need lambda >= 0.")
-        if p.mask not in MASK_MODES:
-            raise UserError(f"attack.patchout.mask={p.mask!r}: choose one of {list(MASK_MODES)}.")
-        return p if enabled else None  # checked even when off, like the other modifiers
+    enabled: bool = key(False)
+    n_patches: int = key(
+        130, low=1, help="patches perturbed per step, of the 14x14 grid of 16x16 patches"
+    )
+    patch_size: int = key(16, low=1)
+    l2: float = key(0.0, low=0, help="lambda of the per-image ||delta_i||_2 term added to the loss")
+    mask: str = key(
+        "per_image",
+        options=MASK_MODES,
+        help="per_image: from each image's seed | step: one mask per step for all images",
+    )
 
     def params(self) -> dict[str, Any]:
         return {

@@ -4,15 +4,27 @@ talking heads, the map that multiplies v)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from tgr_bench.attacks.architectures import BoundSite, Family, bind_sites
+from tgr_bench.attacks.base import MISettings
 from tgr_bench.attacks.hooks import GradientHookAttack
+from tgr_bench.schema import key
+
+
+@dataclass(frozen=True)
+class PNASettings(MISettings):
+    """attack=pna: no gradient through the attention maps."""
+
+    name: str = key("pna")
 
 
 class PNA(GradientHookAttack):
     name = "pna"
+    Settings = PNASettings
     needs = "attn"  # families with attention maps: CNN families have TGR sites but no maps
     reference = (
         "PNA: Wei et al., Towards Transferable Adversarial Attacks on Vision Transformers, "

@@ -11,14 +11,26 @@ branch. The sites are the `branches` table of architectures.py.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from tgr_bench.attacks.architectures import BoundSite, Family, bind_sites
+from tgr_bench.attacks.base import MISettings
 from tgr_bench.attacks.hooks import GradientHookAttack
-from tgr_bench.errors import UserError, number
+from tgr_bench.schema import key
+
+
+@dataclass(frozen=True)
+class SGMSettings(MISettings):
+    """attack=sgm: every residual branch's gradient scaled by gamma."""
+
+    name: str = key("sgm")
+    gamma: float = key(
+        0.5, low=0, high=1, help="ports differ (MLP branch only; 0.4): this scales both by 0.5"
+    )
 
 
 class SGM(GradientHookAttack):
@@ -29,16 +41,11 @@ class SGM(GradientHookAttack):
         "Examples Generated with ResNets, ICLR 2020"
     )
 
-    def __init__(
-        self,
-        *,
-        gamma: float = 0.5,
-        **loop: Any,  # the MI-FGSM settings of Attack
-    ) -> None:
-        super().__init__(**loop)
-        if not 0 <= number("attack.gamma", gamma) <= 1:
-            raise UserError(f"attack.gamma={gamma!r} is outside [0, 1].")
-        self.gamma = float(gamma)
+    Settings = SGMSettings
+
+    def __init__(self, settings: SGMSettings | None = None, family: Family | None = None) -> None:
+        super().__init__(settings, family)
+        self.gamma = float(self.settings.gamma)  # type: ignore[attr-defined]
 
     def params(self) -> dict[str, Any]:
         return {**super().params(), "gamma": self.gamma}

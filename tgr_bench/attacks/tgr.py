@@ -8,8 +8,8 @@ device (argmax, sort, scatter): no host syncs, no per-sample Python loops.
 On residual CNN sources (timm ResNet and ResNetV2, TF-slim ResNet-v2) the one component `conv`
 regularizes the gradient at the input of every unit's first branch conv, with the spatial
 positions as tokens (`clean`), or only scales it (`official`: what the released CNN code did).
-`components` and `variant` default to `auto`, which the source's family decides; a run declares
-the family with `bind_family` before `params()`, since the resolved values are its identity.
+`components` and `variant` default to `auto`, which the source's family decides: the attack is
+built with the family, so the resolved values (part of the run identity) are known at once.
 `zero=False` keeps the gammas and zeroes nothing, on every family: the control that separates
 the effect of the scaling from that of removing the extreme tokens.
 """
@@ -17,13 +17,13 @@ the effect of the scaling from that of removing the extreme tokens.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from tgr_bench.attacks.architectures import (
-    AUTO,
     COMPONENTS,
     FAMILIES,
     HEADS_PER_KEY,
@@ -37,10 +37,10 @@ from tgr_bench.attacks.architectures import (
     Family,
     bind_sites,
 )
+from tgr_bench.attacks.base import MISettings
 from tgr_bench.attacks.hooks import GradientHookAttack
-from tgr_bench.errors import UserError, number
-
-DEFAULT_GAMMA = {"attn": 0.25, "qkv": 0.75, "mlp": 0.5, "conv": 0.25}
+from tgr_bench.errors import UserError
+from tgr_bench.schema import AUTO, key
 
 
 # ---- the regularizer R(G; gamma, k) ------------------------------------------------------------
@@ -120,6 +120,64 @@ def _component_set(chosen: Sequence[str]) -> tuple[str, ...]:
     return tuple(c for c in COMPONENTS if c in have)
 
 
+def _components(name: str, value: Any) -> str | tuple[str, ...]:
+    """`auto`, or a non-empty subset of COMPONENTS without repeats that some family has all of
+    (a list, or text joined by `+`), in COMPONENTS order."""
+    if value == AUTO:
+        return AUTO
+    chosen = value.split("+") if isinstance(value, str) else value
+    chosen = list(chosen) if isinstance(chosen, list | tuple) else [chosen]
+    unknown = [c for c in chosen if c not in COMPONENTS]
+    if unknown or not chosen or len(set(chosen)) != len(chosen):
+        raise UserError(
+            f"{name}={chosen}: choose auto (every component of the source's family) or a "
+            f"non-empty subset of {list(COMPONENTS)} without repeats (for no regularization use "
+            f"attack=mi)."
+        )
+    if not _component_set(chosen):
+        raise UserError(
+            f"{name}={chosen}: no source family has all of these; "
+            + "; ".join(f"{f.name} has {list(f.tgr_components)}" for f in FAMILIES)
+            + ". Use attack.components=auto or a subset of one family's components."
+        )
+    return tuple(c for c in COMPONENTS if c in chosen)
+
+
+@dataclass(frozen=True)
+class Gamma:
+    """TGR's factor per component. The MLP factor has three published values: 0.5 in the
+    released code's methods.py (the default, as TransferAttack and torchattack use it), 0.25 in
+    the paper's text and in the compiled module shipped in the same commit (docs/tgr.md)."""
+
+    attn: float = key(0.25, low=0, high=1)
+    qkv: float = key(0.75, low=0, high=1)
+    mlp: float = key(0.5, low=0, high=1, help="0.5 as released; 0.25 in the paper's text")
+    conv: float = key(0.25, low=0, high=1, help="CNN sources: each unit's first conv input")
+
+
+@dataclass(frozen=True)
+class TGRSettings(MISettings):
+    """attack=tgr: TGR's regularizer on top of the MI-FGSM loop."""
+
+    name: str = key("tgr")
+    k: int = key(1, low=1, help="extreme positions zeroed per side (k max and k min) per channel")
+    gamma: Gamma = key(Gamma)
+    components: str | tuple[str, ...] = key(
+        AUTO,
+        parse=_components,
+        help="auto: every component of the source's family, or a subset such as [attn,qkv]",
+    )
+    variant: str = key(
+        AUTO,
+        options=(AUTO, *VARIANTS),
+        help="auto: official on ViT/DeiT/PiT/CaiT/Visformer (only CaiT's class-attention blocks "
+        "depend on it), clean on residual CNNs",
+    )
+    zero: bool = key(
+        True, help="false: scale by the gammas and zero nothing (the variance analysis' control)"
+    )
+
+
 class TGR(GradientHookAttack):
     name = "tgr"
     reference = (
@@ -127,114 +185,46 @@ class TGR(GradientHookAttack):
         "Gradient Regularization, CVPR 2023"
     )
 
-    def __init__(
-        self,
-        *,
-        k: int = 1,
-        gamma: dict[str, float] | None = None,
-        components: Sequence[str] | str = AUTO,
-        variant: str = AUTO,
-        zero: bool = True,
-        **loop: Any,  # the MI-FGSM settings of Attack
-    ) -> None:
-        super().__init__(**loop)
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise UserError(f"attack.k={k!r}: the number of extreme positions must be an int >= 1.")
-        if components != AUTO:
-            components = components.split("+") if isinstance(components, str) else components
-            components = list(components)
-            unknown = [c for c in components if c not in COMPONENTS]
-            if unknown or not components or len(set(components)) != len(components):
-                raise UserError(
-                    f"attack.components={components}: choose auto (every component of the "
-                    f"source's family) or a non-empty subset of {list(COMPONENTS)} without "
-                    f"repeats (for no regularization use attack=mi)."
-                )
-            if not _component_set(components):
-                raise UserError(
-                    f"attack.components={components}: no source family has all of these; "
-                    + "; ".join(f"{f.name} has {list(f.tgr_components)}" for f in FAMILIES)
-                    + ". Use attack.components=auto or a subset of one family's components."
-                )
-        gamma = {**DEFAULT_GAMMA, **dict(gamma or {})}
-        bad = {c: v for c, v in gamma.items() if c not in COMPONENTS}
-        if bad:
-            raise UserError(f"attack.gamma has unknown components {sorted(bad)}; use {COMPONENTS}.")
-        for c, v in gamma.items():
-            if not 0.0 <= number(f"attack.gamma.{c}", v) <= 1.0:
-                raise UserError(f"attack.gamma.{c}={v!r} is outside [0, 1].")
-        if variant not in (AUTO, *VARIANTS):
-            raise UserError(f"attack.variant={variant!r}: choose one of {[AUTO, *VARIANTS]}.")
-        if not isinstance(zero, bool):
-            raise UserError(f"attack.zero={zero!r}: use true (the paper's rule) or false.")
-        self.k = k
-        self.gamma = {c: float(v) for c, v in gamma.items()}
-        self.zero = zero
-        # As configured (AUTO or explicit), and as resolved for a family (None: not yet).
-        self.components_setting: str | list[str] = (
-            AUTO if components == AUTO else [c for c in COMPONENTS if c in components]
-        )
-        self.variant_setting = variant
-        self.components: list[str] | None = None
-        self.variant: str | None = None
-        self._gamma_keys: tuple[str, ...] = ()
-        if self.components_setting != AUTO and variant != AUTO:
-            # Nothing left to the family: the identity is known without one.
-            self.components = list(self.components_setting)
-            self.variant = variant
-            self._gamma_keys = _component_set(self.components)
-        self._too_few: dict[str, int] = {}
+    Settings = TGRSettings
 
-    def resolve(self, family: Family) -> None:
-        have = family.tgr_components
-        if self.components_setting == AUTO:
-            components = list(have)
+    def __init__(self, settings: TGRSettings | None = None, family: Family | None = None) -> None:
+        super().__init__(settings, family)
+        s: TGRSettings = self.settings  # type: ignore[assignment]
+        self.k = s.k
+        self.gamma = {c: float(getattr(s.gamma, c)) for c in COMPONENTS}
+        self.zero = s.zero
+        have = self.family.tgr_components
+        if s.components == AUTO:
+            self.components = list(have)
         else:
-            missing = [c for c in self.components_setting if c not in have]
+            missing = [c for c in s.components if c not in have]
             if missing:
                 raise UserError(
-                    f"attack.components={self.components_setting}: the {family.name} family has "
+                    f"attack.components={list(s.components)}: the {self.family.name} family has "
                     f"no {missing} sites; its components are {list(have)}. Use "
                     f"attack.components=auto (all of them) or a subset of {list(have)}."
                 )
-            components = list(self.components_setting)
-        self.components = components
-        self.variant = family.auto_variant if self.variant_setting == AUTO else self.variant_setting
-        self._gamma_keys = have
+            self.components = list(s.components)
+        self.variant = self.family.auto_variant if s.variant == AUTO else s.variant
+        self._too_few: dict[str, int] = {}
 
     def params(self) -> dict[str, Any]:
-        if self.components is None or self.variant is None:
-            raise RuntimeError(
-                "Internal error: TGR.params() was asked before the source's family was known, "
-                "while attack.components or attack.variant is `auto` (resolved per family, and "
-                "part of the run identity). The caller must first call "
-                "attack.bind_family(source_family(<source model name>)) "
-                "(tgr_bench/attacks/architectures.py)."
-            )
         return {
             **super().params(),
             "k": self.k,
-            # The gammas of every component the family has, used or not, as runs always showed.
-            **{f"gamma_{c}": self.gamma[c] for c in self._gamma_keys},
+            # The gammas of every component the family has, used or not.
+            **{f"gamma_{c}": self.gamma[c] for c in self.family.tgr_components},
             "components": "+".join(self.components),
             "variant": self.variant,
-            # Only when off: runs made before this setting existed keep their identity.
-            **({} if self.zero else {"zero": False}),
+            **({} if self.zero else {"zero": False}),  # shown only when off
         }
 
-    def defaults(self) -> dict[str, Any]:
-        fresh = type(self)()
-        if self.family is not None:  # `auto` resolves as for this attack's source
-            fresh.bind_family(self.family)
-        return fresh.params()
-
     def sites(self, net: nn.Module, family: Family) -> list[BoundSite]:
-        assert self.components is not None and self.variant is not None  # resolve() ran
         sites = bind_sites(net, family, self.variant)
         return [b for b in sites if b.site.component in self.components]
 
     def expected_components(self) -> list[str]:
-        return list(self.components or [])
+        return list(self.components)
 
     def edit(self, bound: BoundSite, g: torch.Tensor) -> torch.Tensor:
         site = bound.site

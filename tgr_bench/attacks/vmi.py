@@ -4,42 +4,46 @@ of the gradient over a uniform neighbourhood (docs/baselines.md)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from tgr_bench.attacks.base import Attack
+from tgr_bench.attacks.architectures import Family
+from tgr_bench.attacks.base import MIFGSM, MISettings
 from tgr_bench.attacks.draws import mix
-from tgr_bench.errors import UserError
+from tgr_bench.schema import key
 
 
-class VMI(Attack):
+@dataclass(frozen=True)
+class VMISettings(MISettings):
+    """attack=vmi: variance tuning over a uniform neighbourhood."""
+
+    name: str = key("vmi")
+    n_samples: int = key(20, low=1, help="neighbours N per step, drawn per image from the seed")
+    beta: float = key(1.5, low=0, help="neighbourhood radius, in units of eps")
+    chunk: int | None = key(
+        None, low=1, help="neighbours per image in one pass; null = all N (halved on OOM)"
+    )
+
+
+class VMI(MIFGSM):
     name = "vmi"
     reference = (
         "VMI-FGSM: Wang & He, Enhancing the Transferability of Adversarial Attacks through "
         "Variance Tuning, CVPR 2021"
     )
 
-    def __init__(
-        self,
-        *,
-        n_samples: int = 20,
-        beta: float = 1.5,
-        chunk: int | None = None,
-        **loop: Any,  # the MI-FGSM settings of Attack
-    ) -> None:
-        super().__init__(**loop)
-        if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
-            raise UserError(f"attack.n_samples={n_samples!r}: need an int >= 1.")
-        if not isinstance(beta, int | float) or beta < 0:
-            raise UserError(f"attack.beta={beta!r}: need a neighbourhood factor >= 0.")
-        if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
-            raise UserError(f"attack.chunk={chunk!r}: need an int >= 1 or null (all at once).")
-        self.n_samples = n_samples
-        self.beta = float(beta)
+    Settings = VMISettings
+
+    def __init__(self, settings: VMISettings | None = None, family: Family | None = None) -> None:
+        super().__init__(settings, family)
+        s: VMISettings = self.settings  # type: ignore[assignment]
+        self.n_samples = s.n_samples
+        self.beta = float(s.beta)
         # Neighbours per image in one forward/backward; halved on CUDA out-of-memory.
-        self.chunk = chunk or n_samples
+        self.chunk = s.chunk or s.n_samples
         self._variance: torch.Tensor | None = None
 
     def params(self) -> dict[str, Any]:

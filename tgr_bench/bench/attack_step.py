@@ -20,31 +20,32 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from tgr_bench.attacks import Attack, build_attack
+from tgr_bench import provenance
+from tgr_bench.attacks import MIFGSM, build_attack
+from tgr_bench.attacks.architectures import source_family
 from tgr_bench.bench.timing import random_model, summary, time_interleaved
 from tgr_bench.settings import Runtime
 
 
-def attack_of(name: str, steps: int) -> Attack:
+def attack_of(name: str, steps: int, family: str | None) -> MIFGSM:
     """`tgr`, `tgr:qkv` (TGR with one component) or `mi/si`, `tgr/di/ti` (with modifiers on)
-    as an attack of `steps` steps."""
+    as an attack of `steps` steps, for a source of `family`."""
     first, *modifiers = name.split("/")
     base, _, component = first.partition(":")
     cfg: dict = {"name": base, "steps": steps, **{m: {"enabled": True} for m in modifiers}}
     if component:
         cfg["components"] = component.split("+")
-    return build_attack(cfg)
+    return build_attack(cfg, family)
 
 
 def edit_profile(
-    attack: Attack, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, reps: int
+    attack: MIFGSM, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, reps: int
 ) -> dict[str, float]:
     """CPU milliseconds per attack step spent inside the attack's gradient edits, per
     component: where a hook attack's extra cost over MI goes, without the run-to-run noise of
@@ -69,7 +70,7 @@ def edit_profile(
     return {c: 1000 * t / (reps * attack.steps) for c, t in spent.items()}
 
 
-def main(argv: list[str] | None = None) -> None:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--source", default="vit_base")
     p.add_argument("--batch-size", type=int, default=8)
@@ -84,27 +85,36 @@ def main(argv: list[str] | None = None) -> None:
         help="CPU: also report ms per step inside TGR's gradient edits, per component",
     )
     p.add_argument("--json", type=Path, help="also write the results here")
-    args = p.parse_args(argv)
+    return p
 
+
+def _costs(result: dict[str, Any], names: list[str]) -> None:
+    sps = result["seconds_per_step"]
+    if "mi" in sps:
+        result["over_mi"] = {n: sps[n] / sps["mi"] for n in names if n != "mi"}
+        for n, ratio in result["over_mi"].items():
+            print(f"{n}/mi = {ratio:.3f}")
+        if "tgr" in sps:
+            result["tgr_over_mi"] = result["over_mi"]["tgr"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
     device = torch.device(args.device)
     Runtime(device=device).apply()  # exact fp32, as runs default to
     spec, model = random_model(args.source, device)
+    family = source_family(spec.arch)
     g = torch.Generator().manual_seed(0)
     x = torch.rand(args.batch_size, 3, 224, 224, generator=g).to(device)
     y = torch.randint(0, 1000, (args.batch_size,), generator=g).to(device)
     names = args.attacks.split(",")
-    times = time_interleaved(
-        {n: attack_of(n, args.steps) for n in names}, model, x, y, args.reps, args.warmup
-    )
+    attacks = {n: attack_of(n, args.steps, family) for n in names}
+    times = time_interleaved(attacks, model, x, y, args.reps, args.warmup)
     result = {
         "source": args.source,
         "model": spec.model,
         "batch_size": args.batch_size,
-        "device": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"cpu ({platform.processor() or platform.machine()})",
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
+        "device": provenance.device_info(device),
         "seconds_per_step": {},
     }
     for name in names:
@@ -114,15 +124,10 @@ def main(argv: list[str] | None = None) -> None:
             f"{name:>10}: {s['median']:.4f} s/step (median of {s['reps']}; "
             f"min {s['min']:.4f}, max {s['max']:.4f})"
         )
-    sps = result["seconds_per_step"]
-    if "mi" in sps:
-        result["over_mi"] = {n: sps[n] / sps["mi"] for n in names if n != "mi"}
-        for n, ratio in result["over_mi"].items():
-            print(f"{n}/mi = {ratio:.3f}")
-        if "tgr" in sps:
-            result["tgr_over_mi"] = result["over_mi"]["tgr"]
+    _costs(result, names)
     if args.profile_edits and device.type == "cpu":
-        per = edit_profile(attack_of("tgr", args.steps), model, x, y, args.reps)
+        per = edit_profile(attack_of("tgr", args.steps, family), model, x, y, args.reps)
+        sps = result["seconds_per_step"]
         mi_ms = 1000 * sps["mi"] if "mi" in sps else None
         result["tgr_edit_ms_per_step"] = per
         for c, ms in per.items():

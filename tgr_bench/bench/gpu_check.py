@@ -19,7 +19,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -32,12 +31,15 @@ from typing import Any
 
 import torch
 
+from tgr_bench import provenance
 from tgr_bench.attacks import build_attack
+from tgr_bench.attacks.architectures import source_family
 from tgr_bench.bench.timing import peak_memory_mb, random_model, reset_peak, summary, timed
-from tgr_bench.catalogue import CONFIG_MODULE
-from tgr_bench.evaluate import predict
+from tgr_bench.config import compose
 from tgr_bench.pixels import TensorPixels
+from tgr_bench.predict import predict
 from tgr_bench.record import IMAGES_DIR
+from tgr_bench.schema import plain
 from tgr_bench.settings import AUTO_BATCH, AUTO_EVAL_BATCH, Runtime
 
 ATTACKS = ("mi", "vmi", "sgm", "pna", "tgr", "tgr_patchout")
@@ -121,45 +123,9 @@ class Report:
 
 # ---- measurements ------------------------------------------------------------------------------
 def device_info(device: torch.device) -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "type": device.type,
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-    }
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info |= {
-            "name": props.name,
-            "memory_gib": round(props.total_memory / 2**30, 1),
-            "capability": f"{props.major}.{props.minor}",
-            "multiprocessors": props.multi_processor_count,
-            "cudnn": torch.backends.cudnn.version(),
-            "driver": _driver_version(),
-        }
-    else:
-        info |= {
-            "name": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(),
-        }
-    import timm
-
-    info["timm"] = timm.__version__
-    return info
-
-
-def _driver_version() -> str | None:
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=20,
-        )
-        return out.stdout.strip().splitlines()[0] if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError, IndexError):
-        return None
+    """The run records' device facts, with the versions the check depends on."""
+    versions = provenance.versions()
+    return provenance.device_info(device) | {k: versions[k] for k in ("python", "timm")}
 
 
 def _fit(start: int, device: torch.device, fn: Callable[[int], Any]) -> tuple[int, Any]:
@@ -192,11 +158,11 @@ def craft_case(
 ) -> dict[str, Any]:
     """images/s of the 10-step attack (from the median seconds per step), peak memory."""
     Runtime(device=device, precision=precision).apply()
-    _, model = random_model(source, device, precision)
+    spec, model = random_model(source, device, precision)
     overrides: dict[str, Any] = {"steps": profile.steps}
     if attack_name == "vmi" and profile.vmi_samples:
         overrides["n_samples"] = profile.vmi_samples
-    attack = build_attack({**preset(attack_name), **overrides})
+    attack = build_attack({**preset(attack_name), **overrides}, source_family(spec.arch))
 
     def measure(b: int) -> list[float]:
         x, y = _inputs(b, device)
@@ -229,12 +195,7 @@ def craft_case(
 
 def preset(name: str) -> dict[str, Any]:
     """The packaged attack config `name` (presets such as tgr_patchout included)."""
-    from hydra import compose, initialize_config_module
-    from omegaconf import OmegaConf
-
-    with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
-        cfg = compose("config", overrides=[f"attack={name}"]).attack
-    return OmegaConf.to_container(cfg, resolve=True)
+    return plain(compose([f"attack={name}"]).attack)
 
 
 def eval_case(profile: Profile, device: torch.device, key: str, precision: str) -> dict[str, Any]:
@@ -332,100 +293,136 @@ def goals(data: dict[str, Any]) -> dict[str, Any]:
     return res
 
 
-def run_check(profile: Profile, device: torch.device, out: Path, budget: float) -> dict[str, Any]:
-    report = Report(out)
-    data = report.data
-    data["device"] = device_info(device)
-    data["profile"] = "quick" if profile is QUICK else "full"
-    data["skipped"] = []
-    report.save()
+@dataclass
+class Check:
+    """One GPU check in progress: what it measures, where it writes, the time left."""
 
-    def within_budget(what: str) -> bool:
-        if time.monotonic() - report.started < budget:
+    profile: Profile
+    device: torch.device
+    report: Report
+    budget: float
+
+    @property
+    def data(self) -> dict[str, Any]:
+        return self.report.data
+
+    def within_budget(self, what: str) -> bool:
+        if time.monotonic() - self.report.started < self.budget:
             return True
-        data["skipped"].append(what)
+        self.data["skipped"].append(what)
         return False
 
-    # Most telling first: fp32 crafting, the families, determinism, evaluation; then the
-    # opt-in precisions, which the budget may cut.
-    crafting: dict[str, dict[str, Any]] = data.setdefault("crafting", {})
+    def craft(self, source: str, name: str, precision: str, batch: int | None) -> dict[str, Any]:
+        return craft_case(self.profile, self.device, source, name, precision, batch)
 
-    def craft_precision(precision: str) -> None:
-        for name in ATTACKS:
-            if within_budget(f"crafting {name} {precision}"):
-                r = craft_case(profile, device, profile.main, name, precision, profile.batch)
-                crafting.setdefault(name, {})[precision] = r
-                print(
-                    f"craft {name:>12} {precision}: {r['images_per_s']:9.2f} img/s "
-                    f"(batch {r['batch']}, peak {r['peak_memory_mb']:.0f} MB)",
-                    flush=True,
-                )
-        mi, tgr = crafting.get("mi", {}).get(precision), crafting.get("tgr", {}).get(precision)
-        if mi and tgr:
-            ratio = mi["images_per_s"] / tgr["images_per_s"]
-            data.setdefault("tgr_over_mi", {})[precision] = ratio
-        report.save()
 
-    craft_precision("fp32")
-    tgr32 = crafting.get("tgr", {}).get("fp32")
+def _craft_precision(check: Check, precision: str) -> None:
+    crafting: dict[str, dict[str, Any]] = check.data.setdefault("crafting", {})
+    profile = check.profile
+    for name in ATTACKS:
+        if check.within_budget(f"crafting {name} {precision}"):
+            r = check.craft(profile.main, name, precision, profile.batch)
+            crafting.setdefault(name, {})[precision] = r
+            print(
+                f"craft {name:>12} {precision}: {r['images_per_s']:9.2f} img/s "
+                f"(batch {r['batch']}, peak {r['peak_memory_mb']:.0f} MB)",
+                flush=True,
+            )
+    mi, tgr = crafting.get("mi", {}).get(precision), crafting.get("tgr", {}).get(precision)
+    if mi and tgr:
+        check.data.setdefault("tgr_over_mi", {})[precision] = (
+            mi["images_per_s"] / tgr["images_per_s"]
+        )
+    check.report.save()
+
+
+def _paper_workload(check: Check) -> None:
+    tgr32 = check.data.get("crafting", {}).get("tgr", {}).get("fp32")
     if tgr32:
-        data["paper_workload"] = {
+        check.data["paper_workload"] = {
             "images": 1000,
             "steps": PAPER_STEPS,
             "seconds": 1000 / tgr32["images_per_s"],
-            "from": f"tgr fp32 batch {tgr32['batch']} on {profile.main}",
+            "from": f"tgr fp32 batch {tgr32['batch']} on {check.profile.main}",
         }
-    families: dict[str, Any] = data.setdefault("families", {})
+
+
+def _families(check: Check) -> None:
+    families: dict[str, Any] = check.data.setdefault("families", {})
     for family in FAMILIES:
-        source = profile.sources[family]
+        source = check.profile.sources[family]
         row: dict[str, Any] = {"source": source}
-        if within_budget(f"tgr on {source} at auto batch"):
-            row["auto"] = craft_case(profile, device, source, "tgr", "fp32", profile.batch)
-        if within_budget(f"tgr on {source} at batch 1"):
-            row["batch_1"] = craft_case(profile, device, source, "tgr", "fp32", 1)
+        if check.within_budget(f"tgr on {source} at auto batch"):
+            row["auto"] = check.craft(source, "tgr", "fp32", check.profile.batch)
+        if check.within_budget(f"tgr on {source} at batch 1"):
+            row["batch_1"] = check.craft(source, "tgr", "fp32", 1)
         if "auto" in row and "batch_1" in row:
             row["batch_speedup"] = row["auto"]["images_per_s"] / row["batch_1"]["images_per_s"]
         families[family] = row
-        report.save()
-    if within_budget("determinism"):
-        data["determinism"] = determinism(profile, device, ("tgr", "mi"))
-        report.save()
-    from hydra import compose, initialize_config_module
+        check.report.save()
 
-    with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
-        target_keys = list(compose("config", overrides=[f"targets={profile.targets}"]).targets)
-    evaluation: dict[str, Any] = data.setdefault("evaluation", {})
+
+def _evaluation(check: Check) -> None:
+    target_keys = list(compose([f"targets={check.profile.targets}"]).targets)
+    evaluation: dict[str, Any] = check.data.setdefault("evaluation", {})
     for key in target_keys:
-        if within_budget(f"evaluation {key}"):
-            evaluation[key] = eval_case(profile, device, key, "fp32")
+        if check.within_budget(f"evaluation {key}"):
+            evaluation[key] = eval_case(check.profile, check.device, key, "fp32")
             print(f"eval  {key:>18}: {evaluation[key]['images_per_s']:9.1f} img/s", flush=True)
-            report.save()
-    for precision in PRECISIONS[1:]:
-        craft_precision(precision)
-    modifiers: dict[str, Any] = data.setdefault("modifiers", {})
-    mi32 = crafting.get("mi", {}).get("fp32")
-    for name in MODIFIED:
-        if within_budget(f"crafting {name} fp32"):
-            r = craft_case(profile, device, profile.main, name, "fp32", profile.batch)
+            check.report.save()
+
+
+def _cost_over_mi(check: Check, names: tuple[str, ...], section: str) -> None:
+    """fp32 images/s of `names` and each one's cost over MI (MI's images/s over theirs)."""
+    out: dict[str, Any] = check.data.setdefault(section, {})
+    mi32 = check.data.get("crafting", {}).get("mi", {}).get("fp32")
+    for name in names:
+        if check.within_budget(f"crafting {name} fp32"):
+            r = check.craft(check.profile.main, name, "fp32", check.profile.batch)
             r["over_mi"] = mi32["images_per_s"] / r["images_per_s"] if mi32 else None
-            modifiers[name] = r
+            out[name] = r
             print(f"craft {name:>12} fp32: {r['images_per_s']:9.2f} img/s", flush=True)
-            report.save()
+            check.report.save()
+
+
+def run_check(profile: Profile, device: torch.device, out: Path, budget: float) -> dict[str, Any]:
+    """Most telling first: fp32 crafting, the families, determinism, evaluation; then the
+    opt-in precisions and the modifiers' cost, which the budget may cut."""
+    check = Check(profile, device, Report(out), budget)
+    data = check.data
+    data |= {"device": device_info(device), "profile": "quick" if profile is QUICK else "full"}
+    data["skipped"] = []
+    check.report.save()
+    _craft_precision(check, "fp32")
+    _paper_workload(check)
+    _families(check)
+    if check.within_budget("determinism"):
+        data["determinism"] = determinism(profile, device, ("tgr", "mi"))
+        check.report.save()
+    _evaluation(check)
+    for precision in PRECISIONS[1:]:
+        _craft_precision(check, precision)
+    _cost_over_mi(check, MODIFIED, "modifiers")
     # The goals are about the paper's models on a GPU; tiny CPU numbers are not judged.
     data["goals"] = goals(data) if profile is FULL else {}
     Runtime(device=device).apply()  # leave the process in the exact default
-    report.save()
+    check.report.save()
     return data
 
 
 # ---- the report --------------------------------------------------------------------------------
-def markdown(d: dict[str, Any]) -> str:
+def _header(d: dict[str, Any]) -> list[str]:
     dev = d.get("device", {})
-    lines = [
+    return [
         f"# GPU check: {dev.get('name')} ({d.get('profile')})",
         "",
         f"torch {dev.get('torch')}, CUDA {dev.get('cuda')}, driver {dev.get('driver')}, "
         f"timm {dev.get('timm')}, cuDNN {dev.get('cudnn')}; {d.get('elapsed_s')} s in all.",
+    ]
+
+
+def _crafting_section(d: dict[str, Any]) -> list[str]:
+    lines = [
         "",
         "## Crafting (images/s of the 10-step attack, batch, peak memory MB; on a CPU the peak "
         "resident set of the process)",
@@ -443,10 +440,8 @@ def markdown(d: dict[str, Any]) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     ratios = d.get("tgr_over_mi", {})
     if ratios:
-        lines += [
-            "",
-            "tgr/mi (seconds per image): " + ", ".join(f"{p} {v:.3f}" for p, v in ratios.items()),
-        ]
+        text = ", ".join(f"{p} {v:.3f}" for p, v in ratios.items())
+        lines += ["", f"tgr/mi (seconds per image): {text}"]
     if "paper_workload" in d:
         w = d["paper_workload"]
         lines += [
@@ -454,7 +449,11 @@ def markdown(d: dict[str, Any]) -> str:
             f"Paper workload (1000 images x 10 steps, TGR, fp32): {w['seconds']:.1f} s "
             f"projected ({w['from']}).",
         ]
-    lines += [
+    return lines
+
+
+def _families_section(d: dict[str, Any]) -> list[str]:
+    lines = [
         "",
         "## TGR per source family (fp32)",
         "",
@@ -463,16 +462,17 @@ def markdown(d: dict[str, Any]) -> str:
     ]
     for fam, row in d.get("families", {}).items():
         auto, one = row.get("auto"), row.get("batch_1")
-        lines.append(
-            f"| {fam} | {row['source']} | "
-            + (f"{auto['images_per_s']:.1f} ({auto['batch']})" if auto else "-")
-            + " | "
-            + (f"{one['images_per_s']:.2f}" if one else "-")
-            + " | "
-            + (f"{row['batch_speedup']:.1f}x" if "batch_speedup" in row else "-")
-            + " |"
-        )
-    lines += [
+        cells = [
+            f"{auto['images_per_s']:.1f} ({auto['batch']})" if auto else "-",
+            f"{one['images_per_s']:.2f}" if one else "-",
+            f"{row['batch_speedup']:.1f}x" if "batch_speedup" in row else "-",
+        ]
+        lines.append(f"| {fam} | {row['source']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _evaluation_section(d: dict[str, Any]) -> list[str]:
+    lines = [
         "",
         "## Evaluation (fp32, inference mode)",
         "",
@@ -484,37 +484,65 @@ def markdown(d: dict[str, Any]) -> str:
             f"| {key} | {r['images_per_s']:.1f} | {r['fused_attention']} | "
             f"{r['channels_last']} | {r['peak_memory_mb']:.0f} |"
         )
-    if d.get("modifiers"):
-        lines += [
-            "",
-            "## Transfer modifiers (fp32; cost = MI's images/s over the attack's)",
-            "",
-            "| attack | images/s | x MI | batch | peak MB |",
-            "|---|---|---|---|---|",
-        ]
-        for name, r in d["modifiers"].items():
-            over = "-" if r["over_mi"] is None else f"{r['over_mi']:.2f}"
-            lines.append(
-                f"| {name} | {r['images_per_s']:.2f} | {over} | {r['batch']} | "
-                f"{r['peak_memory_mb']:.0f} |"
-            )
-    if "determinism" in d:
-        lines += ["", "## Determinism (the same run twice, fresh processes)", ""]
-        for name, r in d["determinism"].items():
-            if "error" in r:
-                lines.append(f"- {name}: run failed: {r['error'][-300:]}")
-            else:
-                why = "; ".join(r["nondeterministic_ops"]) or "no non-deterministic op reported"
-                lines.append(
-                    f"- {name}: {r['images']} PNGs, byte-identical: {r['identical']}"
-                    + ("" if r["identical"] else f" ({len(r['differing_files'])} differ; {why})")
-                )
+    return lines
+
+
+def _cost_section(d: dict[str, Any], section: str, title: str) -> list[str]:
+    if not d.get(section):
+        return []
+    lines = [
+        "",
+        f"## {title} (fp32; cost = MI's images/s over the attack's)",
+        "",
+        "| attack | images/s | x MI | batch | peak MB |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in d[section].items():
+        over = "-" if r["over_mi"] is None else f"{r['over_mi']:.2f}"
+        lines.append(
+            f"| {name} | {r['images_per_s']:.2f} | {over} | {r['batch']} | "
+            f"{r['peak_memory_mb']:.0f} |"
+        )
+    return lines
+
+
+def _determinism_section(d: dict[str, Any]) -> list[str]:
+    if "determinism" not in d:
+        return []
+    lines = ["", "## Determinism (the same run twice, fresh processes)", ""]
+    for name, r in d["determinism"].items():
+        if "error" in r:
+            lines.append(f"- {name}: run failed: {r['error'][-300:]}")
+            continue
+        why = "; ".join(r["nondeterministic_ops"]) or "no non-deterministic op reported"
+        lines.append(
+            f"- {name}: {r['images']} PNGs, byte-identical: {r['identical']}"
+            + ("" if r["identical"] else f" ({len(r['differing_files'])} differ; {why})")
+        )
+    return lines
+
+
+def _goals_section(d: dict[str, Any]) -> list[str]:
+    lines = []
     if d.get("goals"):
         lines += ["", "## Goals", ""]
         for key, g in d["goals"].items():
             lines.append(f"- {GOALS[key]}: {g['value']} -> {'met' if g['met'] else 'NOT met'}")
     if d.get("skipped"):
         lines += ["", "Skipped (time budget): " + ", ".join(d["skipped"])]
+    return lines
+
+
+def markdown(d: dict[str, Any]) -> str:
+    lines = [
+        *_header(d),
+        *_crafting_section(d),
+        *_families_section(d),
+        *_evaluation_section(d),
+        *_cost_section(d, "modifiers", "Transfer modifiers"),
+        *_determinism_section(d),
+        *_goals_section(d),
+    ]
     return "\n".join(lines) + "\n"
 
 

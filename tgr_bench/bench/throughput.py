@@ -34,6 +34,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from tgr_bench.attacks.architectures import source_family
 from tgr_bench.bench.attack_step import attack_of
 from tgr_bench.bench.timing import (
     peak_memory_mb,
@@ -60,7 +61,7 @@ def bench_crafting(args: argparse.Namespace, device: torch.device) -> dict:
     names = args.attacks.split(",")
     if args.components:
         names += [f"tgr:{c}" for c in ("attn", "qkv", "mlp") if f"tgr:{c}" not in names]
-    attacks = {name: attack_of(name, args.steps) for name in names}
+    attacks = {name: attack_of(name, args.steps, source_family(spec.arch)) for name in names}
     times = time_interleaved(attacks, model, x, y, args.reps, args.warmup)
     out = {}
     for name, attack in attacks.items():
@@ -100,25 +101,22 @@ def bench_eval(args: argparse.Namespace, device: torch.device) -> dict:
 
 def precision_check(device: torch.device) -> dict:
     """Smoke experiment (TGR on the tiny ViT) in each precision, compared with fp32."""
-    from hydra import compose, initialize_config_module
-
+    from tgr_bench.config import compose
     from tgr_bench.pipeline import run
 
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         for precision in ("fp32", "tf32", "bf16"):
-            with initialize_config_module("tgr_bench.conf", version_base="1.3"):
-                cfg = compose(
-                    "config",
-                    overrides=[
-                        "experiment=smoke",
-                        "attack=tgr",
-                        "data.n=16",
-                        f"precision={precision}",
-                        f"device={device}",
-                        "cache_dir=null",
-                    ],
-                )
+            cfg = compose(
+                [
+                    "experiment=smoke",
+                    "attack=tgr",
+                    "data.n=16",
+                    f"precision={precision}",
+                    f"device={device}",
+                    "cache_dir=null",
+                ],
+            )
             out = Path(tmp) / precision
             run(cfg, output_dir=out)
             runs[precision] = (
@@ -212,7 +210,7 @@ def cpu_name() -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def main(argv: list[str] | None = None) -> None:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--source", default="vit_base")
     p.add_argument("--attacks", default="mi,tgr")
@@ -233,8 +231,28 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--io-images", type=int, default=1000, help="images of the --io run")
     p.add_argument("--no-crafting", action="store_true", help="skip the crafting timings")
     p.add_argument("--json", type=Path)
-    args = p.parse_args(argv)
+    return p
 
+
+def _costs(result: dict) -> None:
+    craft = result["crafting"]
+    if "mi" not in craft:
+        return
+    mi = craft["mi"]["seconds_per_step"]
+    cost = {n: c["seconds_per_step"] / mi for n, c in craft.items() if n != "mi"}
+    result["over_mi"] = cost
+    if "tgr" in cost:
+        result["tgr_over_mi"] = cost["tgr"]
+        print(f"tgr/mi cost = {cost['tgr']:.3f} (tgr at {100 / cost['tgr']:.0f}% of mi's images/s)")
+    parts = {n.split(":")[1]: v - 1 for n, v in cost.items() if n.startswith("tgr:")}
+    if parts:
+        result["tgr_component_cost"] = parts
+        shown = ", ".join(f"{c} {100 * v:+.1f}%" for c, v in parts.items())
+        print(f"tgr per component, over mi: {shown}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
     device = torch.device(args.device)
     Runtime(device=device, precision=args.precision).apply()
     result: dict = {
@@ -246,24 +264,7 @@ def main(argv: list[str] | None = None) -> None:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "crafting": {} if args.no_crafting else bench_crafting(args, device),
     }
-    craft = result["crafting"]
-    if "mi" in craft:
-        mi = craft["mi"]["seconds_per_step"]
-        cost = {n: c["seconds_per_step"] / mi for n, c in craft.items() if n != "mi"}
-        result["over_mi"] = cost
-        if "tgr" in cost:
-            result["tgr_over_mi"] = cost["tgr"]
-            print(
-                f"tgr/mi cost = {cost['tgr']:.3f} "
-                f"(tgr at {100 / cost['tgr']:.0f}% of mi's images/s)"
-            )
-        parts = {n.split(":")[1]: v - 1 for n, v in cost.items() if n.startswith("tgr:")}
-        if parts:
-            result["tgr_component_cost"] = parts
-            print(
-                "tgr per component, over mi: "
-                + ", ".join(f"{c} {100 * v:+.1f}%" for c, v in parts.items())
-            )
+    _costs(result)
     if args.targets:
         result["evaluation"] = bench_eval(args, device)
     if args.io:

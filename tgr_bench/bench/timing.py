@@ -11,11 +11,11 @@ from typing import Any
 
 import torch
 
-from tgr_bench.attacks import Attack
+from tgr_bench.attacks import MIFGSM
 from tgr_bench.catalogue import model_keys, model_spec
-from tgr_bench.evaluate import predict
-from tgr_bench.models import ModelSpec, PixelModel, Weights, build_model
+from tgr_bench.models import ModelSpec, PixelModel, WeightFile, build_model
 from tgr_bench.pixels import TensorPixels
+from tgr_bench.predict import predict
 
 
 def sync(device: torch.device) -> None:
@@ -57,7 +57,7 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _own_pool(attack: Attack, x: torch.Tensor) -> list[int]:
+def _own_pool(attack: MIFGSM, x: torch.Tensor) -> list[int]:
     """Admix mixes in the other images of the timed batch itself."""
     if attack.admix is not None:
         attack.use_pool(TensorPixels((x * 255).round().to(torch.uint8).cpu()))
@@ -65,7 +65,7 @@ def _own_pool(attack: Attack, x: torch.Tensor) -> list[int]:
 
 
 def time_attack(
-    attack: Attack, model: PixelModel, x: torch.Tensor, y: torch.Tensor, reps: int, warmup: int
+    attack: MIFGSM, model: PixelModel, x: torch.Tensor, y: torch.Tensor, reps: int, warmup: int
 ) -> list[float]:
     """Seconds per full attack (all its steps) on one batch; the TGR probe is not timed."""
     seeds = ids = _own_pool(attack, x)
@@ -74,7 +74,7 @@ def time_attack(
 
 
 def time_interleaved(
-    attacks: dict[str, Attack],
+    attacks: dict[str, MIFGSM],
     model: PixelModel,
     x: torch.Tensor,
     y: torch.Tensor,
@@ -118,4 +118,4 @@ def random_model(
         spec = replace(model_spec(name), pretrained=False, checkpoint=None)
     else:
         spec = ModelSpec(key=name, model=name, pretrained=False)
-    return spec, build_model(spec, Weights("random"), device).model.set_speed(precision)
+    return spec, build_model(spec, WeightFile("random"), device).model.set_speed(precision)

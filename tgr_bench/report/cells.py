@@ -23,21 +23,16 @@ from tgr_bench.metrics import COUNTS, RATES, rates
 from tgr_bench.record import AdvSetInfo, Identity
 from tgr_bench.report.runs import LoadedRun, load_runs
 
-GROUPS = ("vits", "cnns", "defended")
+TARGET_GROUPS = ("vits", "cnns", "defended")  # the targets= options the tables group by
 TARGET_WEIGHTS = ("target_sha256", "target_weights")  # which weight file a target's cell used
 
 
 @cache
 def target_groups() -> dict[str, str]:
     """Target key -> `vits` / `cnns` / `defended`, read from the shipped targets configs."""
-    from hydra import compose, initialize_config_module
+    from tgr_bench.config import compose
 
-    groups = {}
-    with initialize_config_module("tgr_bench.conf", version_base="1.3"):
-        for group in GROUPS:
-            for key in compose("config", overrides=[f"targets={group}"]).targets:
-                groups[key] = group
-    return groups
+    return {key: g for g in TARGET_GROUPS for key in compose([f"targets={g}"]).targets}
 
 
 def settings(identity: Identity | None, info: AdvSetInfo) -> dict[str, Any]:

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import pandas as pd
 from rich.console import Console
 
 from tgr_bench.atomic import atomic_write
+from tgr_bench.entry import main_of
 from tgr_bench.errors import UserError
 from tgr_bench.report.cells import collect
 from tgr_bench.report.plots import plot_components, plot_sweep
@@ -75,11 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sweep", metavar="PARAM", help="also plot the success rate against PARAM")
     p.add_argument("--components", action="store_true", help="also plot the component ablation")
     args = p.parse_args(argv)
-    try:
-        report(args, p)
-    except UserError as e:
-        print(f"tgr-bench-report: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    main_of("tgr-bench-report", lambda: report(args, p))
 
 
 def report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:

@@ -11,7 +11,7 @@ import pandas as pd
 
 from tgr_bench.atomic import atomic_write
 from tgr_bench.errors import UserError
-from tgr_bench.report.cells import GROUPS, target_groups
+from tgr_bench.report.cells import TARGET_GROUPS, target_groups
 from tgr_bench.report.writers import to_csv, to_latex, to_markdown
 
 GROUP_TITLES = {"vits": "ViTs", "cnns": "CNNs", "defended": "defended", "other": "other"}
@@ -111,7 +111,7 @@ def paper_table(cells: pd.DataFrame, metric: str = "asr") -> pd.DataFrame:
         "order", kind="stable"
     )
     targets = target_order(cells)
-    groups = [g for g in (*GROUPS, "other") if (cells.group == g).any()]
+    groups = [g for g in (*TARGET_GROUPS, "other") if (cells.group == g).any()]
     rows = []
     for (source, label), part in cells.groupby(["source", "label"], sort=False):
         if part.column.duplicated().any():  # two cells, one label: never show one of them

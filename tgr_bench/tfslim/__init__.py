@@ -26,6 +26,7 @@ from tgr_bench.tfslim.registry import (
     TFSlimFile,
     build_network,
     consumed_report,
+    convert,
     create_network,
     expected_layers,
     key_for_weights,
@@ -36,10 +37,8 @@ from tgr_bench.tfslim.registry import (
 from tgr_bench.tfslim.resnet_v2 import RESNET_V2_UNITS, BottleneckV2, ResNetV2
 from tgr_bench.tfslim.weights import (
     FORMAT,
-    convert,
     is_tf2torch_file,
     read_weights,
-    sha256_file,
     write_safetensors,
 )
 
@@ -69,7 +68,6 @@ __all__ = [
     "load_network",
     "read_weights",
     "same_padding",
-    "sha256_file",
     "skipped_layers",
     "write_safetensors",
 ]

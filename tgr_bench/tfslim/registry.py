@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from tgr_bench.errors import UserError
+from tgr_bench.hashing import sha256_file
 from tgr_bench.tfslim.inception import (
     INCEPTION_SPECS,
     InceptionResNetV2,
@@ -26,7 +27,7 @@ from tgr_bench.tfslim.inception import (
 )
 from tgr_bench.tfslim.layers import TF_NAME, LayerSpec, module_spec
 from tgr_bench.tfslim.resnet_v2 import RESNET_V2_UNITS, ResNetV2
-from tgr_bench.tfslim.weights import Weights, read_weights
+from tgr_bench.tfslim.weights import FORMAT, LayerArrays, read_weights, write_safetensors
 
 
 class TFSlimFile(NamedTuple):
@@ -129,7 +130,7 @@ def layer_names(key: str, include_skipped: bool = True) -> list[str]:
     return names + list(skipped_layers(key)) if include_skipped else names
 
 
-def key_for_weights(weights: Weights) -> str | None:
+def key_for_weights(weights: LayerArrays) -> str | None:
     """The model key whose prefix all layer names of `weights` share, if exactly one does."""
     prefixes = {name.split("/", 1)[0] for name in weights}
     if len(prefixes) != 1:
@@ -139,7 +140,7 @@ def key_for_weights(weights: Weights) -> str | None:
     return keys[0] if len(keys) == 1 else None
 
 
-def _match(key: str, weights: Weights) -> tuple[dict[str, LayerSpec], dict[str, LayerSpec]]:
+def _match(key: str, weights: LayerArrays) -> tuple[dict[str, LayerSpec], dict[str, LayerSpec]]:
     """(network layers, skipped layers present in the file); UserError on any mismatch."""
     expected = expected_layers(key)
     skipped = {n: s for n, s in skipped_layers(key).items() if n in weights}
@@ -185,7 +186,7 @@ def _match(key: str, weights: Weights) -> tuple[dict[str, LayerSpec], dict[str, 
     return expected, skipped
 
 
-def consumed_report(key: str, weights: Weights) -> dict[str, Any]:
+def consumed_report(key: str, weights: LayerArrays) -> dict[str, Any]:
     """How much of the file the network reads: arrays and values, read vs held, and what is
     skipped by name (aux classifiers). Raises UserError if the file does not fit."""
     expected, skipped = _match(key, weights)
@@ -217,7 +218,7 @@ def _tensor(arr: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(arr if arr.flags.writeable else arr.copy())
 
 
-def build_network(key: str, weights: Weights) -> nn.Module:
+def build_network(key: str, weights: LayerArrays) -> nn.Module:
     """The network for `key` with every array of `weights` in place, in eval mode.
 
     A file with missing, unexpected or mis-shaped layers raises UserError naming them; the
@@ -257,3 +258,22 @@ def build_network(key: str, weights: Weights) -> nn.Module:
 def load_network(key: str, path: str | Path) -> nn.Module:
     """`build_network(key, read_weights(path))`."""
     return build_network(key, read_weights(path))
+
+
+def convert(src_npy: str | Path, dst_safetensors: str | Path) -> dict[str, str]:
+    """Rewrites a tf2torch .npy as safetensors so later runs load no pickle; returns metadata.
+
+    The metadata records format=tf2torch, the model key and architecture when the layer
+    names identify them, and the source file's name and sha256.
+    """
+    src = Path(src_npy)
+    weights = read_weights(src)
+    key = key_for_weights(weights)
+    meta = {
+        "source_file": src.name,
+        "source_sha256": sha256_file(src),
+        "key": key or "",
+        "architecture": FILES[key].architecture if key else "",
+    }
+    write_safetensors(dst_safetensors, weights, meta)
+    return {**meta, "format": FORMAT}

@@ -14,7 +14,7 @@ import numpy as np
 
 from tgr_bench.tfslim.layers import LayerSpec
 from tgr_bench.tfslim.registry import FILES, expected_layers, skipped_layers
-from tgr_bench.tfslim.weights import Weights
+from tgr_bench.tfslim.weights import LayerArrays
 
 
 def _layer(spec: LayerSpec, rng: np.random.Generator, with_scale: bool) -> dict[str, np.ndarray]:
@@ -42,7 +42,7 @@ def _layer(spec: LayerSpec, rng: np.random.Generator, with_scale: bool) -> dict[
     return out
 
 
-def random_weights(key: str, seed: int = 0) -> Weights:
+def random_weights(key: str, seed: int = 0) -> LayerArrays:
     """A full-size random weight dict for `key`, aux classifier layers included.
 
     Batch norms carry `scale` (gamma) only for ResNet-v2, as TF-slim trains gamma there but
@@ -54,7 +54,7 @@ def random_weights(key: str, seed: int = 0) -> Weights:
     return {name: _layer(spec, rng, with_scale) for name, spec in layers.items()}
 
 
-def write_npy(path: str | Path, weights: Weights) -> Path:
+def write_npy(path: str | Path, weights: LayerArrays) -> Path:
     """Writes `weights` as the converter did: `np.save` of the dict (a pickle inside .npy)."""
     path = Path(path)
     with open(path, "wb") as f:  # a file object: np.save would append ".npy" to a name

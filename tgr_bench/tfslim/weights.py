@@ -13,7 +13,6 @@ numpy globals such a file needs; anything else is refused before it can be calle
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import io
 import json
@@ -21,19 +20,19 @@ import os
 import pickle
 import pickletools
 import struct
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
 
+from tgr_bench.atomic import atomic_write
 from tgr_bench.errors import UserError
 
 FORMAT = "tf2torch"  # safetensors metadata "format" of converted files
 _SEP = "//"  # safetensors tensor name = "<TF layer name>//<param>"; TF names never hold "//"
 _NPY_MAGIC = b"\x93NUMPY"
-Weights = dict[str, dict[str, np.ndarray]]
+LayerArrays = dict[str, dict[str, np.ndarray]]
 
 
 def _numpy_attr(modules: tuple[str, ...], name: str) -> Any:
@@ -120,7 +119,7 @@ def _decode_key(key: Any, path: Path) -> str:
     )
 
 
-def _validated(obj: Any, path: Path) -> Weights:
+def _validated(obj: Any, path: Path) -> LayerArrays:
     """The unpickled payload as {layer: {param: float array}}, or a UserError saying why not."""
     if not isinstance(obj, dict) or not obj:
         raise UserError(
@@ -128,7 +127,7 @@ def _validated(obj: Any, path: Path) -> Weights:
             f"{type(obj).__name__ if not isinstance(obj, dict) else 'an empty dict'}, not a "
             "dict of layers. Re-download the converted .npy file."
         )
-    out: Weights = {}
+    out: LayerArrays = {}
     for layer, params in obj.items():
         lname = _decode_key(layer, path)
         if not isinstance(params, dict):
@@ -150,7 +149,7 @@ def _validated(obj: Any, path: Path) -> Weights:
     return out
 
 
-def _read_npy(path: Path) -> Weights:
+def _read_npy(path: Path) -> LayerArrays:
     with open(path, "rb") as f:
         try:
             shape, _, dtype = _read_npy_header(f)
@@ -211,10 +210,10 @@ def _safetensors_metadata(path: Path) -> dict[str, str] | None:
     return meta if isinstance(meta, dict) else None
 
 
-def _read_safetensors(path: Path) -> Weights:
+def _read_safetensors(path: Path) -> LayerArrays:
     from safetensors.numpy import load_file
 
-    out: Weights = {}
+    out: LayerArrays = {}
     for name, arr in load_file(str(path)).items():
         layer, sep, param = name.rpartition(_SEP)
         if not sep or not layer or not param:
@@ -226,7 +225,7 @@ def _read_safetensors(path: Path) -> Weights:
     return out
 
 
-def read_weights(path: str | Path) -> Weights:
+def read_weights(path: str | Path) -> LayerArrays:
     """{TF layer name: {param: array}} from a tf2torch .npy or a converted .safetensors.
 
     The format is detected from the content, not the file name. The .npy pickle is read with
@@ -291,17 +290,9 @@ def is_tf2torch_file(path: str | Path) -> bool:
     return meta is not None and meta.get("format") == FORMAT
 
 
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def write_safetensors(path: str | Path, weights: Weights, metadata: dict[str, str]) -> None:
+def write_safetensors(path: str | Path, weights: LayerArrays, metadata: dict[str, str]) -> None:
     """Atomically writes `weights` as safetensors (tensor '<layer>//<param>') with metadata."""
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     path = Path(path)
     tensors = {}
@@ -309,37 +300,4 @@ def write_safetensors(path: str | Path, weights: Weights, metadata: dict[str, st
         for p, arr in params.items():
             tensors[f"{layer}{_SEP}{p}"] = np.ascontiguousarray(arr)
     meta = {**metadata, "format": FORMAT}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise UserError(f"Cannot write {path}: {e}. Free disk space or choose another path.") from e
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def convert(src_npy: str | Path, dst_safetensors: str | Path) -> dict[str, str]:
-    """Rewrites a tf2torch .npy as safetensors so later runs load no pickle; returns metadata.
-
-    The metadata records format=tf2torch, the model key and architecture when the layer
-    names identify them, and the source file's name and sha256.
-    """
-    from tgr_bench.tfslim.registry import FILES, key_for_weights
-
-    src = Path(src_npy)
-    weights = read_weights(src)
-    key = key_for_weights(weights)
-    meta = {
-        "source_file": src.name,
-        "source_sha256": sha256_file(src),
-        "key": key or "",
-        "architecture": FILES[key].architecture if key else "",
-    }
-    write_safetensors(dst_safetensors, weights, meta)
-    return {**meta, "format": FORMAT}
+    atomic_write(path, save(tensors, metadata=meta))

@@ -10,11 +10,9 @@ Visformer's attention-free stage1 is a block here although TGR has no site in it
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 from torch import nn
 
-from tgr_bench.attacks.architectures import FAMILIES, family_of
+from tgr_bench.attacks.architectures import FAMILIES, containers, family_of
 from tgr_bench.errors import UserError
 
 # family name -> containers whose children are the blocks; '*' matches every child.
@@ -42,26 +40,6 @@ def refuse(what: str) -> UserError:
     )
 
 
-def _containers(root: nn.Module, path: str, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
-    head, _, rest = path.partition(".")
-    if head == "*":
-        children = list(root.named_children())
-    else:
-        child = getattr(root, head, None)
-        if not isinstance(child, nn.Module):
-            raise UserError(
-                f"{type(root).__name__} has no module {prefix}{head}: this timm version's layout "
-                f"differs from the block table of tgr_bench/variance/blocks.py."
-            )
-        children = [(head, child)]
-    for name, child in children:
-        here = f"{prefix}{name}"
-        if rest:
-            yield from _containers(child, rest, here + ".")
-        else:
-            yield here, child
-
-
 def source_blocks(net: nn.Module, family: str | None = None) -> list[tuple[str, nn.Module]]:
     """(name, module) of every block of `net` (a timm or TF-slim network, or a PixelModel
     around one), in forward order, e.g. ("blocks.3", <Block>). `family` defaults to the
@@ -77,7 +55,7 @@ def source_blocks(net: nn.Module, family: str | None = None) -> list[tuple[str, 
     found = [
         (f"{where}.{i}", block)
         for path in BLOCKS[family]
-        for where, container in _containers(net, path)
+        for where, container in containers(net, path, strict=True)
         for i, block in enumerate(container.children())
     ]
     if not found:

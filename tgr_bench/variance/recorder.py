@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tgr_bench.attacks import Attack
+from tgr_bench.attacks import MIFGSM
 
 
 def block_statistics(g: torch.Tensor) -> torch.Tensor:
@@ -139,7 +139,7 @@ class GradientRecorder:
         self._steps = 0
 
     @contextlib.contextmanager
-    def recording(self, attack: Attack) -> Iterator[None]:
+    def recording(self, attack: MIFGSM) -> Iterator[None]:
         """Hooks on the blocks and around `attack.input_gradient`, removed on exit."""
         handles = [
             module.register_forward_hook(self._on_block_output(i))

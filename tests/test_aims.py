@@ -1,5 +1,6 @@
-"""Targeted attacks: the loss sign, where target labels come from, the targeted success rate,
-the files that carry them, and the report's refusal to mix targeted and untargeted runs."""
+"""Targeted attacks: the loss sign, where their aims (target labels) come from, the targeted
+success rate, the files that carry them, and the report's refusal to mix targeted and
+untargeted runs."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 from tests.report.fake import LOOP, fake_run, identity, ok
 from tests.tiny import batch, tiny
 from tgr_bench import metrics
+from tgr_bench.aims import random_aims
 from tgr_bench.attacks import build_attack
 from tgr_bench.data import load_folder
 from tgr_bench.errors import UserError
@@ -20,7 +22,6 @@ from tgr_bench.pipeline import run
 from tgr_bench.record import RunRecord
 from tgr_bench.report.cells import collect
 from tgr_bench.report.tables import targeted_metric
-from tgr_bench.targets import random_targets
 
 
 def test_the_targeted_loss_descends_toward_the_target():
@@ -47,21 +48,21 @@ def test_the_targeted_success_rate_on_hand_made_predictions():
     labels = torch.tensor([1, 2, 3, 4])
     clean = torch.tensor([1, 2, 3, 0])
     adv = torch.tensor([9, 2, 7, 8])
-    targets = torch.tensor([9, 5, 7, 6])
-    c = metrics.counts(labels, clean, adv, targets)
+    aims = torch.tensor([9, 5, 7, 6])
+    c = metrics.counts(labels, clean, adv, aims)
     assert (c["n_target_hit"], c["n_fooled"]) == (2, 3)
     r = metrics.rates(c)
     assert (r["tsr"], r["asr"]) == (50.0, 75.0)
     assert metrics.rates(metrics.counts(labels, clean, adv))["tsr"] != metrics.rates(c)["tsr"]
 
 
-def test_random_targets_are_other_classes_and_seeded():
+def test_random_aims_are_other_classes_and_seeded():
     labels = torch.arange(0, 1000, 7)
     seeds = list(range(len(labels)))
-    t = random_targets(labels, seeds)
+    t = random_aims(labels, seeds)
     assert (t != labels).all() and t.min() >= 0 and t.max() < 1000
-    assert torch.equal(t, random_targets(labels, seeds))
-    assert not torch.equal(t, random_targets(labels, [s + 1 for s in seeds]))
+    assert torch.equal(t, random_aims(labels, seeds))
+    assert not torch.equal(t, random_aims(labels, [s + 1 for s in seeds]))
 
 
 def with_targets(csv_set: Path, cells: list[str] | None = None) -> Path:
@@ -141,7 +142,7 @@ def test_untargeted_runs_neither_read_nor_hash_the_target_column(csv_set: Path):
     cell is wrong."""
     plain = load_folder(csv_set).digest
     data = load_folder(with_targets(csv_set, ["", "cat", "3", "4", "5"]))
-    assert data.digest == plain and data.targets is None
+    assert data.digest == plain and data.aims is None
     with pytest.raises(UserError, match="for the target of ILSVRC2012_val_00000001"):
-        data.column_targets()
-    assert load_folder(csv_set, limit=5).subset([2, 4], None).column_targets().tolist() == [3, 5]
+        data.column_aims()
+    assert load_folder(csv_set, limit=5).subset([2, 4], None).column_aims().tolist() == [3, 5]

@@ -1,4 +1,5 @@
-"""The target labels of a targeted attack, one per image, and their file in a run directory.
+"""The classes a targeted attack aims at (its aims), one per image, and their file in a run
+directory (targets.csv, column target_label: the names users read).
 
 `attack.target`: `labels` takes the labels.csv `target` column (an error without one); `random`
 draws uniformly among the 999 classes other than the image's label, from the image's own seed;
@@ -20,11 +21,11 @@ from tgr_bench.atomic import atomic_write
 from tgr_bench.attacks.draws import mix, randint
 from tgr_bench.data import NUM_CLASSES, ImageSet
 from tgr_bench.errors import UserError
-from tgr_bench.evaluate import predict
+from tgr_bench.predict import predict
 from tgr_bench.record import TARGETS_CSV
 
 
-def random_targets(labels: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
+def random_aims(labels: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
     """Per image, a class drawn uniformly among the other 999, from the image's seed."""
     out = []
     for label, seed in zip(labels.tolist(), seeds, strict=True):
@@ -41,7 +42,7 @@ def least_likely(
     return predict(model, data.pixels, batch_size, device, rank="least")
 
 
-def choose_targets(
+def choose_aims(
     mode: str,
     data: ImageSet,
     seeds: Sequence[int],
@@ -49,7 +50,7 @@ def choose_targets(
     batch_size: int,
     device: torch.device,
 ) -> torch.Tensor:
-    column = data.column_targets()
+    column = data.column_aims()
     if mode == "labels" or (mode == "auto" and column is not None):
         if column is None:
             raise UserError(
@@ -60,19 +61,19 @@ def choose_targets(
         return column
     if mode == "least_likely":
         return least_likely(model, data, batch_size, device)
-    return random_targets(data.labels, seeds)
+    return random_aims(data.labels, seeds)
 
 
-def write_targets(run_dir: Path, data: ImageSet, targets: torch.Tensor) -> None:
+def write_aims(run_dir: Path, data: ImageSet, aims: torch.Tensor) -> None:
     text = io.StringIO()
     w = csv.writer(text, lineterminator="\n")
     w.writerow(["stem", "target_label"])
-    w.writerows(zip(data.stems, targets.tolist(), strict=True))
+    w.writerows(zip(data.stems, aims.tolist(), strict=True))
     atomic_write(run_dir / TARGETS_CSV, text.getvalue().encode())
 
 
-def read_targets(run_dir: Path, stems: Sequence[str]) -> torch.Tensor:
-    """A targeted run's targets, in the order of `stems`."""
+def read_aims(run_dir: Path, stems: Sequence[str]) -> torch.Tensor:
+    """A targeted run's aims, in the order of `stems`."""
     path = run_dir / TARGETS_CSV
     if not path.is_file():
         raise UserError(f"{run_dir} is a targeted run but holds no {TARGETS_CSV}; re-run it.")
