@@ -19,7 +19,7 @@ TF2TORCH ?=
 SWEEP = $(BIN)/tgr-bench -m data.root=$(DATA) $(if $(TF2TORCH),tf2torch_dir=$(TF2TORCH)) $(LAUNCHER) $(ARGS)
 REPORT = $(BIN)/tgr-bench-report
 
-.PHONY: help install smoke test lint clean paper-runs table1 table2 table3 ablation-k \
+.PHONY: help install smoke test test-fast lint clean paper-runs table1 table2 table3 ablation-k \
 	ablation-components cnn-source tricks
 
 help:  ## list the targets
@@ -43,9 +43,12 @@ install: $(STAMP)  ## create .venv and install tgr-bench with its dev tools (CPU
 smoke: $(STAMP)  ## offline smoke run: tiny random-weight timm models, synthetic images (CPU, ~10 s)
 	$(BIN)/tgr-bench experiment=smoke
 
-test: $(STAMP)  ## lint and the whole test suite (CPU, no network, ~8 min on 2 cores)
+test: $(STAMP)  ## lint and the whole test suite, both tiers (CPU, no network, under 6 min on 2 cores)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)  ## the fast tier to run while working: no subprocesses, no test over a few seconds (under 2 min)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: $(STAMP)  ## ruff
 	$(BIN)/ruff check .

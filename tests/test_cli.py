@@ -26,6 +26,7 @@ def sh(
     return subprocess.run(args, capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
 
 
+@pytest.mark.slow
 def test_smoke_through_the_console_script(tmp_path: Path):
     out = tmp_path / "run"
     r = sh(cli("experiment=smoke", f"hydra.run.dir={out}"), cwd=tmp_path)
@@ -40,6 +41,7 @@ def test_smoke_through_the_console_script(tmp_path: Path):
     assert (out / ".hydra" / "config.yaml").is_file()
 
 
+@pytest.mark.slow
 def test_python_dash_m_and_targets_none(tmp_path: Path):
     out = tmp_path / "run"
     args = [
@@ -58,18 +60,15 @@ def test_python_dash_m_and_targets_none(tmp_path: Path):
     assert not (out / "results.csv").exists()
 
 
-def test_multirun_sweep_gives_one_run_per_value(tmp_path: Path):
+def test_multirun_sweep_gives_one_run_per_value(tgr, tmp_path: Path):
     sweep = tmp_path / "sweep"
-    r = sh(
-        cli(
-            "-m",
-            "experiment=smoke",
-            "data.n=2",
-            "targets=none",
-            "attack.steps=1,2",
-            f"hydra.sweep.dir={sweep}",
-        ),
-        cwd=tmp_path,
+    r = tgr(
+        "-m",
+        "experiment=smoke",
+        "data.n=2",
+        "targets=none",
+        "attack.steps=1,2",
+        f"hydra.sweep.dir={sweep}",
     )
     assert r.returncode == 0, r.stderr
     runs = sorted(p for p in sweep.iterdir() if p.is_dir() and (p / "run.json").exists())
@@ -77,12 +76,9 @@ def test_multirun_sweep_gives_one_run_per_value(tmp_path: Path):
     assert steps == [1, 2]
 
 
-def test_bad_input_is_one_clear_paragraph(tmp_path: Path):
+def test_bad_input_is_one_clear_paragraph(tgr, tmp_path: Path):
     out = tmp_path / "run"
-    r = sh(
-        cli("data.root=/no/such/folder", "source=test_vit", "targets=none", f"hydra.run.dir={out}"),
-        cwd=tmp_path,
-    )
+    r = tgr("data.root=/no/such/folder", "source=test_vit", "targets=none", f"hydra.run.dir={out}")
     assert r.returncode == 2
     assert "Traceback" not in r.stderr + r.stdout
     assert "tgr-bench: error: Data folder /no/such/folder does not exist" in r.stderr
@@ -92,13 +88,14 @@ def test_bad_input_is_one_clear_paragraph(tmp_path: Path):
 
 
 @pytest.mark.parametrize("override,listed", [("attack=nope", "mi"), ("source=nope", "vit_base")])
-def test_unknown_choice_lists_valid_ones(tmp_path: Path, override: str, listed: str):
-    r = sh(cli("experiment=smoke", override), cwd=tmp_path)
+def test_unknown_choice_lists_valid_ones(tgr, override: str, listed: str):
+    r = tgr("experiment=smoke", override)
     assert r.returncode == 2
     assert "no such" in r.stderr and listed in r.stderr
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_no_network_stops_within_seconds(tmp_path: Path):
     env = {
         **os.environ,
@@ -114,6 +111,7 @@ def test_no_network_stops_within_seconds(tmp_path: Path):
     assert "vit_base_patch16_224.augreg_in21k_ft_in1k" in r.stderr and "checkpoint=" in r.stderr
 
 
+@pytest.mark.slow
 def test_wheel_ships_the_configs(tmp_path: Path):
     """A non-editable install finds conf/ inside the package."""
     r = sh(
@@ -154,7 +152,7 @@ def test_wheel_ships_the_configs(tmp_path: Path):
     assert r.stdout.split() == ["pit_b_224.in1k", "3"]
 
 
-def test_numbers_and_budgets_get_one_line_errors(tmp_path: Path):
+def test_numbers_and_budgets_get_one_line_errors(tgr, tmp_path: Path):
     for override, says in (
         ("attack.eps=0.0627", "You probably meant attack.eps=16"),
         ("attack.alpha=0.0063", "You probably meant attack.alpha=1.6"),
@@ -162,7 +160,7 @@ def test_numbers_and_budgets_get_one_line_errors(tmp_path: Path):
         ("attack.steps=abc", "attack.steps='abc': need a whole number"),
         ("seed=abc", "seed='abc': need a whole number"),
     ):
-        r = sh(cli("experiment=smoke", override, f"hydra.run.dir={tmp_path / 'r'}"), cwd=tmp_path)
+        r = tgr("experiment=smoke", override, f"hydra.run.dir={tmp_path / 'r'}")
         assert r.returncode == 2, (override, r.stderr[-500:])
         assert says in r.stderr and "Traceback" not in r.stderr, override
 
@@ -176,22 +174,22 @@ def test_numbers_and_budgets_get_one_line_errors(tmp_path: Path):
         ("data.limt=3", "Did you mean data.limit?"),
     ],
 )
-def test_typos_get_the_closest_known_name(tmp_path: Path, override: str, says: str):
-    r = sh(cli("experiment=smoke", override), cwd=tmp_path)
+def test_typos_get_the_closest_known_name(tgr, override: str, says: str):
+    r = tgr("experiment=smoke", override)
     assert r.returncode == 2 and says in r.stderr, r.stderr[-800:]
     assert "+attack.kk" not in r.stderr and "Traceback" not in r.stderr
 
 
-def test_help_starts_with_usage(tmp_path: Path):
-    r = sh(cli("--help"), cwd=tmp_path)
+def test_help_starts_with_usage(tgr):
+    r = tgr("--help")
     assert r.returncode == 0
     assert r.stdout.lstrip().startswith("tgr-bench:") and "Usage:" in r.stdout.split("==")[0]
     assert "tgr-bench experiment=smoke" in r.stdout and "== Config groups" in r.stdout
 
 
-def test_piped_output_shows_progress_and_one_summary(tmp_path: Path):
+def test_piped_output_shows_progress_and_one_summary(tgr, tmp_path: Path):
     out = tmp_path / "run"
-    r = sh(cli("experiment=smoke", "data.n=8", f"hydra.run.dir={out}"), cwd=tmp_path)
+    r = tgr("experiment=smoke", "data.n=8", f"hydra.run.dir={out}")
     assert r.returncode == 0, r.stderr
     lines = r.stderr.splitlines()
     assert any(ln.startswith("crafting mi on test_pit: 8/8") for ln in lines)
@@ -205,6 +203,7 @@ def manifest_lines(run_dir: Path) -> int:
     return max(0, len(path.read_text().splitlines()) - 1) if path.exists() else 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "sig,code,what", [(signal.SIGINT, 130, "Ctrl-C"), (signal.SIGTERM, 143, "SIGTERM")]
 )
@@ -232,39 +231,38 @@ def test_a_signal_ends_the_run_with_one_line(tmp_path: Path, sig, code: int, wha
     assert r.returncode == 0 and f"{saved} resumed" in r.stderr
 
 
-def test_the_same_sweep_lands_in_the_same_folder_and_resumes(tmp_path: Path):
+def test_the_same_sweep_lands_in_the_same_folder_and_resumes(tgr, tmp_path: Path):
     args = ("-m", "experiment=smoke", "data.n=2", "attack.steps=1", "targets=none", "attack=mi,pna")
-    first = sh(cli(*args), cwd=tmp_path)
+    first = tgr(*args)
     assert first.returncode == 0, first.stderr
     (sweep,) = (tmp_path / "multirun").iterdir()
-    again = sh(cli(*args), cwd=tmp_path)
+    again = tgr(*args)
     assert again.returncode == 0, again.stderr
     assert again.stderr.count("already complete") == 2  # every job: nothing left to do
-    resumed = sh(cli(*args, "batch_size=1"), cwd=tmp_path)  # a runtime knob keeps the folder
+    resumed = tgr(*args, "batch_size=1")  # a runtime knob keeps the folder
     assert resumed.returncode == 0, resumed.stderr
     assert [p.name for p in (tmp_path / "multirun").iterdir()] == [sweep.name]
     assert resumed.stderr.count("0 attacked, 2 resumed") == 2
 
 
-def test_evaluating_the_images_a_folder_has(tmp_path: Path):
+@pytest.mark.slow
+def test_evaluating_the_images_a_folder_has(tgr, tmp_path: Path):
     common = ("experiment=smoke", "data.n=4", "attack.steps=1", "data.labels=random")
     crafted = tmp_path / "crafted"
-    assert (
-        sh(cli(*common, "targets=none", f"hydra.run.dir={crafted}"), cwd=tmp_path).returncode == 0
-    )
+    assert tgr(*common, "targets=none", f"hydra.run.dir={crafted}").returncode == 0
     partial = tmp_path / "partial"
     partial.mkdir()
     for png in sorted((crafted / "images").glob("*.png"))[:3]:
         (partial / png.name).write_bytes(png.read_bytes())
-    r = sh(cli(*common, f"adv_dir={partial}"), cwd=tmp_path)
+    r = tgr(*common, f"adv_dir={partial}")
     assert r.returncode == 2 and "1 of 4 clean images have no adversarial image" in r.stderr
     assert "data.only_present=true" in r.stderr
-    r = sh(cli(*common, f"adv_dir={partial}", "data.only_present=true"), cwd=tmp_path)
+    r = tgr(*common, f"adv_dir={partial}", "data.only_present=true")
     assert r.returncode == 0, r.stderr
     assert "evaluated 3 images" in r.stderr and "of 4 clean images" in r.stderr
     (run_dir,) = (tmp_path / "outputs" / "eval" / "external-partial").iterdir()
     assert (pd.read_csv(run_dir / "results.csv").n == 3).all()
-    r = sh(cli(*common, f"adv_dir={crafted / 'images'}"), cwd=tmp_path)  # a tgr-bench run's folder
+    r = tgr(*common, f"adv_dir={crafted / 'images'}")  # a tgr-bench run's folder
     assert r.returncode == 0, r.stderr
     named = [p.name for p in (tmp_path / "outputs" / "eval").iterdir()]
     assert any(n.startswith("test_pit-mi-") for n in named), named
@@ -294,16 +292,18 @@ def test_settings_that_would_be_ignored_or_crash_hydra_are_refused(tmp_path: Pat
         ("attack.eps=4", "each set as attack_overrides.<name>.<key>=value"),
     ],
 )
-def test_variance_typos_and_plain_attack_keys(tmp_path: Path, override: str, says: str):
-    exe = Path(sys.executable).with_name("tgr-bench-variance")
-    r = sh([str(exe), "experiment=smoke", "attacks=[mi]", override], cwd=tmp_path)
+def test_variance_typos_and_plain_attack_keys(tgr, tmp_path: Path, override: str, says: str):
+    r = tgr("experiment=smoke", "attacks=[mi]", override, prog="tgr-bench-variance")
     assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "outputs").exists()
 
 
-def test_list_refuses_unknown_arguments(tmp_path: Path):
-    r = sh([str(Path(sys.executable).with_name("tgr-bench-list")), "--bogus"], cwd=tmp_path)
-    assert r.returncode == 2 and "unrecognized arguments: --bogus" in r.stderr
+def test_list_refuses_unknown_arguments(capsys):
+    from tgr_bench.listing import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--bogus"])
+    assert e.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
 
 
 def test_attack_settings_with_adv_dir_are_pointed_out(capsys):

@@ -70,6 +70,7 @@ def test_hub_cache_layout_is_used_offline(tmp_path: Path, monkeypatch: pytest.Mo
         assert torch.equal(loaded.model.net.state_dict()[k], v)
 
 
+@pytest.mark.slow
 def test_offline_without_cache_says_how_to_fix_within_seconds(tmp_path: Path):
     env = {
         **os.environ,

@@ -307,6 +307,7 @@ def _peak_rss_mb(n: int, tmp_path: Path) -> float:
     return int(r.stdout.split()[-1]) / 1024
 
 
+@pytest.mark.slow
 def test_peak_memory_does_not_grow_with_the_number_of_images(tmp_path: Path):
     """Pixels live only for the batches in flight: three times the images, about the same peak
     (the run before streaming grew by about 2 MB per image, 800 MB here). Both sizes are past

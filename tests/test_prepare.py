@@ -116,6 +116,7 @@ def test_check_accepts_the_authors_layout(json_set: Path, capsys):
     assert "layout json" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_submitit_local_launcher_runs_the_sweep(tmp_path: Path):
     sweep = tmp_path / "sweep"
     r = subprocess.run(
@@ -153,6 +154,7 @@ def test_launcher_presets_compose(make_cfg):
         assert key in cfg.hydra.launcher
 
 
+@pytest.mark.slow
 def test_make_targets_run_the_documented_commands():
     r = subprocess.run(
         [

@@ -34,7 +34,8 @@ def manifest_entries(run_dir: Path) -> int:
     return max(0, len(path.read_text().splitlines()) - 1) if path.exists() else 0
 
 
-def test_sigkill_mid_crafting_then_resume_equals_an_uninterrupted_run(tmp_path: Path):
+@pytest.mark.slow
+def test_sigkill_mid_crafting_then_resume_equals_an_uninterrupted_run(tgr, tmp_path: Path):
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     proc = subprocess.Popen(
         cli(*SMOKE, f"hydra.run.dir={killed}"),
@@ -54,18 +55,14 @@ def test_sigkill_mid_crafting_then_resume_equals_an_uninterrupted_run(tmp_path: 
     for png in (killed / "images").glob("*.png"):  # atomic renames: no PNG is partial
         read_image(png)
 
-    r = subprocess.run(
-        cli(*SMOKE, f"hydra.run.dir={killed}"), cwd=tmp_path, capture_output=True, text=True
-    )
+    r = tgr(*SMOKE, f"hydra.run.dir={killed}")
     assert r.returncode == 0, r.stderr
     record = RunRecord.load(killed)
     assert record.status == "complete"
     assert record.crafting.resumed == done_before
     assert record.crafting.attacked == 10 - done_before
 
-    r = subprocess.run(
-        cli(*SMOKE, f"hydra.run.dir={clean}"), cwd=tmp_path, capture_output=True, text=True
-    )
+    r = tgr(*SMOKE, f"hydra.run.dir={clean}")
     assert r.returncode == 0, r.stderr
     assert files(killed) == files(clean)  # leftover temporary files included: none
     assert (killed / "results.csv").read_bytes() == (clean / "results.csv").read_bytes()
@@ -106,29 +103,23 @@ def test_resuming_with_other_settings_is_refused(make_cfg, tmp_path: Path):
     assert record.crafting.resumed == 2 and (tmp_path / "results.csv").exists()
 
 
-def test_same_command_same_default_directory(tmp_path: Path):
+def test_same_command_same_default_directory(tgr, tmp_path: Path):
     args = ("experiment=smoke", "data.n=2", "attack.steps=1", "targets=none")
     outs = []
     for extra in ((), (), ("attack.steps=2",)):
-        r = subprocess.run(cli(*args, *extra), cwd=tmp_path, capture_output=True, text=True)
+        r = tgr(*args, *extra)
         assert r.returncode == 0, r.stderr
         outs.append(sorted(str(p) for p in (tmp_path / "outputs").rglob("run.json")))
     assert len(outs[0]) == len(outs[1]) == 1 and len(outs[2]) == 2
 
 
-def test_shards_craft_every_image_once_and_match_the_unsharded_run(tmp_path: Path):
+@pytest.mark.slow
+def test_shards_craft_every_image_once_and_match_the_unsharded_run(tgr, tmp_path: Path):
     whole, sweep = tmp_path / "whole", tmp_path / "sweep"
     common = ("experiment=smoke", "data.n=7", "attack.steps=3")
-    r = subprocess.run(
-        cli(*common, f"hydra.run.dir={whole}"), cwd=tmp_path, capture_output=True, text=True
-    )
+    r = tgr(*common, f"hydra.run.dir={whole}")
     assert r.returncode == 0, r.stderr
-    r = subprocess.run(
-        cli("-m", *common, "data.num_shards=3", "data.shard=0,1,2", f"hydra.sweep.dir={sweep}"),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-    )
+    r = tgr("-m", *common, "data.num_shards=3", "data.shard=0,1,2", f"hydra.sweep.dir={sweep}")
     assert r.returncode == 0, r.stderr
     shards = sorted(p for p in sweep.iterdir() if (p / "run.json").exists())
     assert len(shards) == 3

@@ -161,10 +161,9 @@ def _integer(name: str, value: Any, meta: Mapping[str, Any]) -> int:
     if high is not None:
         shown = "2^63-1" if high == 2**63 - 1 else f"{high:g}"
         raise UserError(f"{name}={value!r}: need a whole number in {low:g}..{shown}.")
-    auto = " or auto" if meta["auto"] else ""
-    raise UserError(
-        f"{name}={value!r}: need a whole number >= {low if low is not None else 0:g}{auto}."
-    )
+    other = " or auto" if meta["auto"] else " or null" if meta.get("nullable") else ""
+    least = low if low is not None else 0
+    raise UserError(f"{name}={value!r}: need a whole number >= {least:g}{other}.")
 
 
 def _real(name: str, value: Any, meta: Mapping[str, Any]) -> float:
@@ -232,6 +231,7 @@ def _value(tp: Any, meta: Mapping[str, Any], value: Any, name: str) -> Any:
             return None
         (tp,) = [a for a in args if a is not type(None)]
         origin, args = typing.get_origin(tp), typing.get_args(tp)
+        meta = {**meta, "nullable": True}
     if meta["auto"] and value == AUTO:
         return AUTO
     if tp is Levels:

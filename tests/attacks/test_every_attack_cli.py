@@ -1,14 +1,11 @@
-"""Every attack preset on every source family, through the installed console script."""
+"""Every attack preset on every source family, through the console script's entry point."""
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pandas as pd
 import pytest
-
-from tests.conftest import cli
 
 
 @pytest.mark.parametrize(
@@ -22,22 +19,16 @@ from tests.conftest import cli
         ("tgr_patchout", "test_deit"),
     ],
 )
-def test_every_attack_runs_through_the_cli(tmp_path: Path, attack, source):
+def test_every_attack_runs_through_the_cli(tgr, tmp_path: Path, attack, source):
     out = tmp_path / "run"
-    r = subprocess.run(
-        cli(
-            "experiment=smoke",
-            f"attack={attack}",
-            f"source={source}",
-            "data.n=2",
-            "attack.steps=2",
-            "targets=smoke",
-            f"hydra.run.dir={out}",
-        ),
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=600,
+    r = tgr(
+        "experiment=smoke",
+        f"attack={attack}",
+        f"source={source}",
+        "data.n=2",
+        "attack.steps=2",
+        "targets=smoke",
+        f"hydra.run.dir={out}",
     )
     assert r.returncode == 0, r.stderr
     df = pd.read_csv(out / "results.csv")

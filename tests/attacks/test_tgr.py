@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pandas as pd
@@ -11,7 +10,6 @@ import pytest
 import torch
 
 from tests.attacks.support import capture
-from tests.conftest import cli
 from tests.tiny import batch, grad_of, make, tiny
 from tgr_bench.attacks import build_attack
 from tgr_bench.attacks.architectures import (
@@ -310,25 +308,20 @@ def test_cait_clean_variant():
 
 
 # ---- the CLI: hyper-parameters recorded, and a k sweep ------------------------------------------
-def test_cli_overrides_and_k_sweep(tmp_path: Path):
+@pytest.mark.slow
+def test_cli_overrides_and_k_sweep(tgr, tmp_path: Path):
     sweep = tmp_path / "sweep"
-    r = subprocess.run(
-        cli(
-            "-m",
-            "experiment=smoke",
-            "attack=tgr",
-            "source=test_pit",
-            "data.n=2",
-            "attack.steps=2",
-            "attack.k=1,2",
-            "attack.components=[attn,qkv]",
-            "attack.gamma.mlp=0.25",
-            f"hydra.sweep.dir={sweep}",
-        ),
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=600,
+    r = tgr(
+        "-m",
+        "experiment=smoke",
+        "attack=tgr",
+        "source=test_pit",
+        "data.n=2",
+        "attack.steps=2",
+        "attack.k=1,2",
+        "attack.components=[attn,qkv]",
+        "attack.gamma.mlp=0.25",
+        f"hydra.sweep.dir={sweep}",
     )
     assert r.returncode == 0, r.stderr
     runs = sorted(p for p in sweep.iterdir() if (p / "results.csv").exists())

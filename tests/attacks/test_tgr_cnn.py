@@ -193,6 +193,7 @@ def test_timm_every_unit_is_the_spec_transform(kind: str, variant: str):
     check_every_unit(tiny_cnn(kind), variant, x, y, n_units=4)
 
 
+@pytest.mark.slow
 def test_tfslim_every_unit_is_the_spec_transform(tf_net):
     x, y = batch(1)
     check_every_unit(PixelModel(tf_net, (0.5,) * 3, (0.5,) * 3, 299), "clean", x, y, 16)

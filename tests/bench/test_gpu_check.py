@@ -9,9 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_quick_check_writes_every_section(tmp_path: Path):
     out = tmp_path / "check"
     env = {**os.environ, "PYTHON": sys.executable}

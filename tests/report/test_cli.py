@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from tests.conftest import cli
 from tests.report.fake import fake_run, identity, ok
 from tgr_bench.report.cells import collect
 from tgr_bench.report.cli import main as report
@@ -101,30 +99,20 @@ def test_a_collision_is_a_clean_error(tmp_path: Path, capsys):
     assert "tgr-bench-report: error: Two run directories" in err and "Traceback" not in err
 
 
-def test_smoke_multirun_over_k_gives_one_row_per_k(tmp_path: Path):
+@pytest.mark.slow
+def test_smoke_multirun_over_k_gives_one_row_per_k(tgr, tmp_path: Path):
     sweep = tmp_path / "sweep"
-    r = subprocess.run(
-        cli(
-            "-m",
-            "experiment=smoke",
-            "attack=tgr",
-            "attack.k=1,2",
-            "data.n=2",
-            "attack.steps=2",
-            f"hydra.sweep.dir={sweep}",
-        ),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
+    r = tgr(
+        "-m",
+        "experiment=smoke",
+        "attack=tgr",
+        "attack.k=1,2",
+        "data.n=2",
+        "attack.steps=2",
+        f"hydra.sweep.dir={sweep}",
     )
     assert r.returncode == 0, r.stderr
-    exe = Path(cli()[0]).with_name("tgr-bench-report")
-    r = subprocess.run(
-        [str(exe), str(sweep), "--out", str(tmp_path / "rep"), "--sweep", "k"],
-        capture_output=True,
-        text=True,
-    )
-    assert r.returncode == 0, r.stderr
+    report([str(sweep), "--out", str(tmp_path / "rep"), "--sweep", "k"])
     table = pd.read_csv(tmp_path / "rep" / "table.csv")
     assert table.attack.tolist() == ["tgr k=1", "tgr k=2"]
     assert table.test_pit.str.endswith("*").all()  # the source: the white-box column
@@ -132,22 +120,17 @@ def test_smoke_multirun_over_k_gives_one_row_per_k(tmp_path: Path):
     assert (tmp_path / "rep" / "sweep_k.png").is_file()
 
 
-def test_an_evaluation_of_many_folders_reports_each_folder(make_cfg, tmp_path: Path):
+def test_an_evaluation_of_many_folders_reports_each_folder(make_cfg, tgr, tmp_path: Path):
     from tgr_bench.pipeline import run
 
     common = ("experiment=smoke", "data.n=2", "attack.steps=1", "data.labels=random")
     for attack in ("mi", "pna"):
         run(make_cfg(*common, f"attack={attack}", "targets=none"), output_dir=tmp_path / attack)
     evaluation = tmp_path / "eval"
-    r = subprocess.run(
-        cli(
-            *common,
-            f"adv_dir=[{tmp_path / 'mi' / 'images'},{tmp_path / 'pna' / 'images'}]",
-            f"hydra.run.dir={evaluation}",
-        ),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
+    r = tgr(
+        *common,
+        f"adv_dir=[{tmp_path / 'mi' / 'images'},{tmp_path / 'pna' / 'images'}]",
+        f"hydra.run.dir={evaluation}",
     )
     assert r.returncode == 0, r.stderr
     table = paper_table(collect([evaluation]))

@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import subprocess
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,7 +16,6 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from tests.conftest import cli
 from tgr_bench import load_model, metrics
 from tgr_bench.attacks import build_attack
 from tgr_bench.catalogue import model_keys, model_spec
@@ -36,7 +34,8 @@ def tf2torch_dir(tmp_path: Path, npy_files: dict[str, Path]) -> Path:
     folder.mkdir()
     for key in ("inc_v3", "res_v2_50"):
         os.symlink(npy_files[key], folder / FILES[key].released_name)
-    os.symlink(npy_files["inc_v4"], folder / FILES["inc_v4"].public_name)
+    # The ensemble-trained Inception-v3 has Inception-v3's layout: one file serves both keys.
+    os.symlink(npy_files["inc_v3"], folder / FILES["inc_v3_ens3"].public_name)
     return folder
 
 
@@ -51,8 +50,8 @@ def test_the_five_tfslim_only_keys_say_where_their_files_are():
 def test_tf2torch_dir_finds_either_file_name_and_prefers_safetensors(tf2torch_dir: Path):
     w = resolve_weights(model_spec("inc_v3"), str(tf2torch_dir))
     assert (w.kind, Path(w.path).name) == ("tf2torch", "tf2torch_inception_v3.npy")
-    assert Path(resolve_weights(model_spec("inc_v4"), str(tf2torch_dir)).path).name == (
-        "tf_inception_v4.npy"
+    assert Path(resolve_weights(model_spec("inc_v3_ens3"), str(tf2torch_dir)).path).name == (
+        "tf_ens3_adv_inc_v3.npy"
     )
     prepare(["convert-tf2torch", str(tf2torch_dir), str(tf2torch_dir)])
     converted = resolve_weights(model_spec("inc_v3"), str(tf2torch_dir))
@@ -137,28 +136,20 @@ def test_the_attack_takes_its_loss_at_logit_y_plus_one():
     assert not torch.equal(offset, attack.perturb(plain, x, y, [0, 1]))
 
 
-def test_cli_evaluates_a_folder_on_tf2torch_weights(tmp_path: Path, tf2torch_dir: Path):
+def test_cli_evaluates_a_folder_on_tf2torch_weights(tgr, tmp_path: Path, tf2torch_dir: Path):
     crafted = tmp_path / "crafted"
     common = ["experiment=smoke", "data.n=2", "attack.steps=1", "data.labels=random"]
-    r = subprocess.run(
-        cli(*common, "targets=none", f"hydra.run.dir={crafted}"),
-        cwd=tmp_path, capture_output=True, text=True,
-    )  # fmt: skip
+    r = tgr(*common, "targets=none", f"hydra.run.dir={crafted}")
     assert r.returncode == 0, r.stderr
     evaluation = tmp_path / "eval"
-    r = subprocess.run(
-        cli(
-            *common,
-            "targets=none",
-            "+targets.res_v2_50.key=res_v2_50",
-            "+targets.res_v2_50.tfslim=res_v2_50",
-            f"tf2torch_dir={tf2torch_dir}",
-            f"adv_dir={crafted / 'images'}",
-            f"hydra.run.dir={evaluation}",
-        ),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
+    r = tgr(
+        *common,
+        "targets=none",
+        "+targets.res_v2_50.key=res_v2_50",
+        "+targets.res_v2_50.tfslim=res_v2_50",
+        f"tf2torch_dir={tf2torch_dir}",
+        f"adv_dir={crafted / 'images'}",
+        f"hydra.run.dir={evaluation}",
     )
     assert r.returncode == 0, r.stderr
     df = pd.read_csv(evaluation / "results.csv")
@@ -197,6 +188,7 @@ def test_converted_file_gives_the_same_logits(npy_files: dict[str, Path], tmp_pa
     assert torch.equal(a, b)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attack", ["mi", "vmi", "pna_patchout"])
 def test_attacks_without_sites_run_from_a_tfslim_source(
     attack: str, make_cfg, tmp_path: Path, npy_files: dict[str, Path]

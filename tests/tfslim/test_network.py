@@ -39,7 +39,7 @@ from tgr_bench.tfslim import (
     same_padding,
     skipped_layers,
 )
-from tgr_bench.tfslim.testing import write_npy
+from tgr_bench.tfslim.testing import random_weights, write_npy
 
 FAMILY_KEYS = ("inc_v3", "inc_v4", "incres_v2", "res_v2_50")
 
@@ -56,8 +56,9 @@ LAYERS_PER_ARCHITECTURE = {
 
 
 @pytest.fixture(scope="session")
-def weights(npy_files: dict[str, Path]) -> dict[str, dict]:
-    return {k: read_weights(p) for k, p in npy_files.items()}
+def weights() -> dict[str, dict]:
+    # In memory: the file layout itself is tested on the two files of the npy_files fixture.
+    return {k: random_weights(k, seed=7) for k in FAMILY_KEYS}
 
 
 @pytest.fixture(scope="session")
@@ -81,6 +82,7 @@ def logits(nets: dict[str, nn.Module], images: torch.Tensor) -> dict[str, torch.
 # Networks
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key", FAMILY_KEYS)
 def test_network_runs_at_batch_1_and_2(
     key: str, nets: dict, images: torch.Tensor, logits: dict
@@ -101,6 +103,7 @@ def test_network_runs_at_batch_1_and_2(
             torch.testing.assert_close(single[0], out[i], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key", FAMILY_KEYS)
 def test_every_array_is_consumed_and_aux_skipped_by_name(
     key: str, weights: dict, nets: dict
@@ -134,6 +137,7 @@ def test_every_array_is_consumed_and_aux_skipped_by_name(
     assert rep["values_read"] == (held if arch.startswith("resnet") else held - gammas)
 
 
+@pytest.mark.slow
 def test_loaded_values_are_the_files(weights: dict, nets: dict) -> None:
     net, w = nets["res_v2_50"], weights["res_v2_50"]
     unit = net.blocks[0][0]
@@ -247,6 +251,7 @@ def test_resnet_strides_in_last_unit_of_blocks_1_to_3(key: str) -> None:
                 assert isinstance(unit.shortcut, nn.MaxPool2d) and unit.shortcut.stride == 2
 
 
+@pytest.mark.slow
 def test_resnet_hook_points(nets: dict, images: torch.Tensor) -> None:
     # conv1 receives the pre-activation output; the unit output is shortcut + conv3 output.
     unit = nets["res_v2_50"].blocks[0][2]
@@ -269,6 +274,7 @@ def test_resnet_hook_points(nets: dict, images: torch.Tensor) -> None:
 # Files: safetensors conversion and format detection
 
 
+@pytest.mark.slow
 def test_safetensors_round_trip(
     npy_files: dict, logits: dict, images: torch.Tensor, tmp_path: Path
 ) -> None:

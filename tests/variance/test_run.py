@@ -5,8 +5,6 @@ recording, the written tables and plot, and the console script."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -27,7 +25,7 @@ from tgr_bench.variance.recorder import GradientRecorder, block_statistics
 from tgr_bench.variance.run import run
 from tgr_bench.variance.tables import long_frame, write_all
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -237,14 +235,9 @@ def test_run_called_directly_and_again(tmp_path: Path):
     assert (tmp_path / "variance.json").read_bytes() == before
 
 
-def script(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    exe = Path(sys.executable).with_name("tgr-bench-variance")
-    return subprocess.run([str(exe), *args], capture_output=True, text=True, cwd=cwd, timeout=300)
-
-
-def test_console_script_writes_every_file(tmp_path: Path):
+def test_console_script_writes_every_file(tgr, tmp_path: Path):
     out = tmp_path / "run"
-    r = script(
+    r = tgr(
         "experiment=smoke",
         "source=test_vit",
         "attacks=[mi,tgr]",
@@ -252,7 +245,7 @@ def test_console_script_writes_every_file(tmp_path: Path):
         "attack_overrides.mi.steps=2",
         "attack_overrides.tgr.steps=2",
         f"hydra.run.dir={out}",
-        cwd=tmp_path,
+        prog="tgr-bench-variance",
     )
     assert r.returncode == 0, r.stderr
     for name in ("variance.csv", "variance.md", "variance.tex", "variance.png", "variance.json"):
@@ -275,13 +268,13 @@ def test_console_script_writes_every_file(tmp_path: Path):
         (["source=test_convnext"], "No block table for the source test_convnext"),
     ],
 )
-def test_bad_input_is_one_line_and_exit_code_2(tmp_path: Path, args: list[str], message: str):
-    r = script(
+def test_bad_input_is_one_line_and_exit_code_2(tgr, tmp_path, args: list[str], message: str):
+    r = tgr(
         "experiment=smoke",
         "source=test_vit",
         *args,
         f"hydra.run.dir={tmp_path / 'run'}",
-        cwd=tmp_path,
+        prog="tgr-bench-variance",
     )
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
