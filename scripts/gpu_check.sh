@@ -4,8 +4,9 @@
 # determinism across fresh processes, versions. Writes OUT/gpu_check.json and OUT/gpu_check.md.
 #
 # Usage:
-#   scripts/gpu_check.sh [OUT] [--quick] [--budget SECONDS]     # default OUT: gpu_check
-#   PYTHON=.venv/bin/python scripts/gpu_check.sh /tmp/q --quick   # CPU, tiny models, < 60 s
+#   scripts/gpu_check.sh [--out OUT] [--quick] [--budget SECONDS]   # any order; OUT: gpu_check
+#   scripts/gpu_check.sh OUT [...]                                  # OUT as the first word works too
+#   PYTHON=.venv/bin/python scripts/gpu_check.sh --quick --out /tmp/q   # CPU, tiny models, < 60 s
 #
 # Needs no network and no install: when tgr-bench is not importable, it is built from this
 # checkout into a temporary folder. On an offline machine without hydra-core/omegaconf, put
@@ -13,8 +14,10 @@
 #   pip download --no-deps -d .whl hydra-core==1.3.2 omegaconf==2.3.0 antlr4-python3-runtime==4.9.3
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
-out="${1:-gpu_check}"
-[ $# -gt 0 ] && shift
+# A first word that is not an option is the output folder, as `--out` anywhere is.
+if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then
+  set -- --out "$@"
+fi
 py="${PYTHON:-python3}"
 site="${TMPDIR:-/tmp}/tgr-bench-site"
 export PYTHONUNBUFFERED=1
@@ -33,4 +36,4 @@ if ! "$py" -c "import tgr_bench.conf" 2>/dev/null; then
   "$py" -m pip install -q --no-index --no-deps --no-build-isolation --target "$site" "$here"
   export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-exec "$py" -m tgr_bench.bench.gpu_check --out "$out" "$@"
+exec "$py" -m tgr_bench.bench.gpu_check "$@"

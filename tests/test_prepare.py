@@ -13,16 +13,18 @@ from PIL import Image
 
 from tests.conftest import cli
 from tgr_bench.data import load_folder
+from tgr_bench.prepare import imagenet_synsets
 from tgr_bench.prepare import main as prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def raw_val(root: Path, classes: int = 3, per_class: int = 4) -> Path:
-    """ILSVRC-style val folder sorted into synset folders, JPEGs of varied sizes and modes."""
+def raw_val(root: Path, classes: int = 3, per_class: int = 4, first: int = 0) -> Path:
+    """ILSVRC-style val folder sorted into synset folders (the classes first, first + 1, ...),
+    JPEGs of varied sizes and modes."""
     g = torch.Generator().manual_seed(0)
     for c in range(classes):
-        folder = root / f"n0{c:07d}"
+        folder = root / imagenet_synsets()[first + c]
         folder.mkdir(parents=True)
         for i in range(per_class):
             w, h = 300 + 20 * i, 260 + 30 * c
@@ -82,6 +84,39 @@ def test_build_refuses_bad_input_and_leaves_no_partial_set(tmp_path: Path, capsy
     assert not list((tmp_path / "cut").glob("*.png"))  # the 5 written before it are removed
     (flat / "labels.csv").write_text("filename,label\n" + rows[1].split(",")[0] + ",cat\n")
     assert "Label 'cat' for" in fails("--out", str(tmp_path / "bad"))
+
+
+def test_build_never_writes_over_or_beside_a_set_and_keeps_every_file(tmp_path: Path, capsys):
+    val = raw_val(tmp_path / "val", classes=2, per_class=2)
+    out = tmp_path / "set"
+    prepare(["build", "--val", str(val), "--out", str(out)])
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(SystemExit) as e:
+        prepare(["build", "--val", str(raw_val(tmp_path / "other", 3, 1)), "--out", str(out)])
+    assert e.value.code == 2
+    assert "already holds 3 file(s)" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # untouched
+    # Two synset folders that reuse a file name would silently give one file for two images.
+    dup = raw_val(tmp_path / "dup", classes=2, per_class=1)
+    first, second = sorted(dup.rglob("*.JPEG"))
+    second.rename(second.with_name(first.name))
+    with pytest.raises(SystemExit):
+        prepare(["build", "--val", str(dup), "--out", str(tmp_path / "d")])
+    assert "would both be saved as ILSVRC2012_val_00000001.png" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists() or not list((tmp_path / "d").iterdir())
+
+
+def test_a_partial_set_keeps_each_synsets_imagenet_index(tmp_path: Path, capsys):
+    synsets = imagenet_synsets()
+    assert len(synsets) == len(set(synsets)) == 1000 and synsets == sorted(synsets)
+    assert (synsets[0], synsets[999]) == ("n01440764", "n15075141")
+    val = raw_val(tmp_path / "val", classes=2, per_class=1, first=998)
+    prepare(["build", "--val", str(val), "--out", str(tmp_path / "set")])
+    assert load_folder(tmp_path / "set").labels.tolist() == [998, 999]  # not 0 and 1
+    (val / "cats").mkdir()
+    with pytest.raises(SystemExit):
+        prepare(["build", "--val", str(val), "--out", str(tmp_path / "x")])
+    assert "are not ImageNet-1k synset ids (cats)" in capsys.readouterr().err
 
 
 def test_resize_and_crop_follow_the_protocol(tmp_path: Path):

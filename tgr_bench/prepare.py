@@ -8,10 +8,12 @@ Usage:
     tgr-bench-prepare fetch-paper-set data/tgr1000   # the paper's 1000 PNGs and labels (download)
 
 `--val` is either the validation folder sorted into one sub-folder per synset (n01440764/...,
-the usual layout after the devkit's valprep script; class index = sorted synset order, as
-timm/torchvision) or a flat folder of the 50,000 JPEGs with `--labels FILE`, a CSV
-`filename,label` of 0-based class indices in that same order. Selection: per class, the images
-sorted by name, `--per-class` of them drawn with a generator seeded by `--seed` and the class.
+the usual layout after the devkit's valprep script; class index = the synset's place in the
+canonical ImageNet-1k order shipped as tgr_bench/imagenet_synsets.txt, as timm/torchvision, also
+when the folder holds only some synsets) or a flat folder of the 50,000 JPEGs with
+`--labels FILE`, a CSV `filename,label` of 0-based class indices in that same order.
+Selection: per class, the images sorted by name, `--per-class` of them drawn with a generator
+seeded by `--seed` and the class.
 Each is resized to short side 256 (bicubic), center-cropped to 224 and saved as PNG, with
 `labels.csv` (docs/protocol.md).
 """
@@ -36,6 +38,27 @@ from tgr_bench.errors import UserError
 from tgr_bench.pixels import batches
 
 SHORT_SIDE, CROP = 256, 224
+SYNSETS_FILE = Path(__file__).with_name("imagenet_synsets.txt")
+
+
+def imagenet_synsets() -> list[str]:
+    """The 1000 ImageNet-1k synset ids in class-index order (sorted wnids, as timm and
+    torchvision number the classes)."""
+    return SYNSETS_FILE.read_text().split()
+
+
+def _synset_index(folders: list[Path]) -> dict[int, Path]:
+    """Each synset folder under its canonical class index: a set with only some synsets keeps
+    every synset's real ImageNet-1k index."""
+    index = {s: i for i, s in enumerate(imagenet_synsets())}
+    unknown = [f.name for f in folders if f.name not in index]
+    if unknown:
+        raise UserError(
+            f"{len(unknown)} sub-folder(s) of {folders[0].parent} are not ImageNet-1k synset ids "
+            f"({', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''}): name each class "
+            f"folder by its synset (n01440764, ...), or pass a flat folder with --labels."
+        )
+    return {index[f.name]: f for f in folders}
 
 
 def _raw_index(val: Path, labels: Path | None) -> dict[int, list[Path]]:
@@ -44,7 +67,7 @@ def _raw_index(val: Path, labels: Path | None) -> dict[int, list[Path]]:
     by_class: dict[int, list[Path]] = {}
     synsets = sorted(p for p in val.iterdir() if p.is_dir())
     if synsets:
-        for label, folder in enumerate(synsets):
+        for label, folder in _synset_index(synsets).items():
             by_class[label] = sorted(
                 p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS
             )
@@ -84,9 +107,35 @@ def _resize_crop(im: Image.Image) -> Image.Image:
     return im.crop((left, top, left + CROP, top + CROP))
 
 
+def _empty_destination(out: Path) -> None:
+    """A set is written only into a new or empty folder: never over or beside another set."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; pass a new or empty folder for the image set.")
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if held:
+        raise UserError(
+            f"--out {out} already holds {len(held)} file(s) ({', '.join(held[:3])}"
+            f"{', ...' if len(held) > 3 else ''}); pass a new or empty folder (a set is never "
+            f"written over or beside another)."
+        )
+
+
+def _unique_names(chosen: list[tuple[Path, int]]) -> None:
+    """Output files are named by the input's stem: two inputs with one stem would overwrite."""
+    seen: dict[str, Path] = {}
+    for path, _ in chosen:
+        other = seen.setdefault(path.stem, path)
+        if other != path:
+            raise UserError(
+                f"{other} and {path} would both be saved as {path.stem}.png; rename one of "
+                f"them so that every image of --val has its own file name."
+            )
+
+
 def build(val: Path, out: Path, labels: Path | None, per_class: int, seed: int) -> int:
     if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
         raise UserError(f"--per-class {per_class}: need a whole number of images >= 1.")
+    _empty_destination(out)
     by_class = _raw_index(val, labels)
     rows = []
     chosen = []
@@ -96,6 +145,7 @@ def build(val: Path, out: Path, labels: Path | None, per_class: int, seed: int) 
             raise UserError(f"Class {label} has {len(files)} images, fewer than {per_class}.")
         picked = sorted(random.Random(f"{seed}:{label}").sample(files, per_class))
         chosen += [(path, label) for path in picked]
+    _unique_names(chosen)
     written: list[Path] = []
     try:  # a failure leaves no part of the set behind (it would look like a smaller set)
         for path, label in chosen:
@@ -285,20 +335,29 @@ def main(argv: list[str] | None = None) -> None:
     )
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="build the seeded one-image-per-class set")
-    b.add_argument("--val", type=Path, required=True)
-    b.add_argument("--labels", type=Path)
-    b.add_argument("--out", type=Path, required=True)
-    b.add_argument("--per-class", type=int, default=1)
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument(
+        "--val",
+        type=Path,
+        required=True,
+        help="ILSVRC2012 validation images: one sub-folder per synset, or flat with --labels",
+    )
+    b.add_argument(
+        "--labels",
+        type=Path,
+        help="CSV filename,label (0-based ImageNet-1k index) for a flat --val",
+    )
+    b.add_argument("--out", type=Path, required=True, help="a new or empty folder for the set")
+    b.add_argument("--per-class", type=int, default=1, help="images drawn per class (default 1)")
+    b.add_argument("--seed", type=int, default=0, help="seed of the per-class draw (default 0)")
     c = sub.add_parser("check", help="check an existing set")
-    c.add_argument("root", type=Path)
+    c.add_argument("root", type=Path, help="the set's folder (PNGs with labels.csv/labels.json)")
     t = sub.add_parser(
         "convert-tf2torch", help="rewrite converted TF-slim .npy weights as safetensors, once"
     )
-    t.add_argument("src", type=Path)
-    t.add_argument("dst", type=Path)
+    t.add_argument("src", type=Path, help="folder of tf2torch_*.npy / tf_*.npy files")
+    t.add_argument("dst", type=Path, help="folder for the .safetensors files (may be src)")
     f = sub.add_parser("fetch-paper-set", help="download the paper's 1000 images and labels")
-    f.add_argument("dest", type=Path)
+    f.add_argument("dest", type=Path, help="folder that receives clean_resized_images/")
     f.add_argument("--url", default=PAPER_SET_URL, help="the archive (default: the authors' repo)")
     f.add_argument("--expect", type=int, default=PAPER_SET_IMAGES, help="images it must hold")
     args = p.parse_args(argv)

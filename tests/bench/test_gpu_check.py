@@ -19,7 +19,7 @@ def test_quick_check_writes_every_section(tmp_path: Path):
     out = tmp_path / "check"
     env = {**os.environ, "PYTHON": sys.executable}
     r = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "gpu_check.sh"), str(out), "--quick"],
+        ["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--quick", "--out", str(out)],
         capture_output=True,
         text=True,
         env=env,
@@ -49,3 +49,15 @@ def test_quick_check_writes_every_section(tmp_path: Path):
     headings = ("## Crafting", "## TGR per source family", "## Evaluation", "## Determinism")
     for heading in (*headings, "## Transfer modifiers"):
         assert heading in md
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("words", [["OUT", "--help"], ["--help", "--out", "OUT"]])
+def test_the_output_folder_is_the_first_word_or_out_anywhere(words: list[str], tmp_path: Path):
+    args = [str(tmp_path / w) if w == "OUT" else w for w in words]
+    env = {**os.environ, "PYTHON": sys.executable}
+    r = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "gpu_check.sh"), *args],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert r.returncode == 0 and "--quick" in r.stdout, r.stderr[-2000:]

@@ -552,7 +552,9 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--out", type=Path, required=True, help="folder for gpu_check.json/.md")
+    p.add_argument(
+        "--out", type=Path, default=Path("gpu_check"), help="folder for gpu_check.json/.md"
+    )
     p.add_argument("--quick", action="store_true", help="tiny models on the CPU (< 60 s)")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--budget", type=float, default=None, help="seconds before new cases stop")
