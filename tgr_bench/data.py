@@ -73,7 +73,9 @@ class FolderData(Selection):
     kind: str = schema.key("folder", options=("folder",))
     root: str | None = schema.key(None, help="required: data.root=/path/to/clean_images")
     allow_unlabeled: bool = schema.key(
-        False, help="true: skip images without a label (counted in the summary and run.json)"
+        False,
+        identity=False,  # a permission: a set with unlabelled files runs, on the same images
+        help="true: skip images without a label (counted in the summary and run.json)"
     )
 
     def check(self, where: str) -> None:

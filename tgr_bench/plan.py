@@ -89,6 +89,8 @@ def _targets(config: dict[str, Any]) -> tuple[ModelSpec, ...]:
 def _resolve(config: dict[str, Any]) -> RunSpec:
     settings: RunSettings = root_settings(RunSettings, config)
     data = data_spec(config.get("data"))
+    if getattr(data, "only_present", False) and not settings.adv_dir:
+        raise UserError("data.only_present=true applies to adv_dir= evaluations only.")
     source = attack = None
     if not settings.adv_dir:
         source = ModelSpec.of(config["source"])
@@ -194,9 +196,8 @@ def _external(spec: RunSpec) -> list[AdvSetInfo]:
 
 
 def _only_present(data: ImageSet, external: list[AdvSetInfo]) -> ImageSet:
-    """data.only_present: the clean images that every folder of adv_dir has."""
-    if not external:
-        raise UserError("data.only_present=true applies to adv_dir= evaluations only.")
+    """data.only_present: the clean images that every folder of adv_dir has (resolve refuses it
+    for a crafting run)."""
     have = set.intersection(*(present_stems(info.folder) for info in external))
     keep = [i for i, s in enumerate(data.stems) if s in have]
     if not keep:

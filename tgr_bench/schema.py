@@ -45,10 +45,13 @@ def key(
     auto: bool = False,
     identity: bool = True,
     parse: Callable[[str, Any], Any] | None = None,
+    needs: str | None = None,
 ) -> Any:
     """A declared key. `low`/`high` bound numbers (closed unless `*_open`), `options` the allowed
     texts, `auto` also admits the text "auto" (resolved later), `identity=False` marks a key
-    that changes no image and no table (device, batch sizes), `parse` a key-specific reader."""
+    that changes no image and no table (device, batch sizes), `parse` a key-specific reader,
+    `needs` the sibling flag without which the key has no effect (in a group with an `enabled`
+    flag, every other key needs it)."""
     meta = {
         "help": help,
         "low": low,
@@ -59,6 +62,7 @@ def key(
         "auto": auto,
         "identity": identity,
         "parse": parse,
+        "needs": needs,
     }
     if isinstance(default, type) and dataclasses.is_dataclass(default):
         return dataclasses.field(default_factory=default, metadata=meta)
@@ -217,7 +221,8 @@ def _group(name: str, value: Any, cls: type) -> Any:
 
 def _meta(meta: Mapping[str, Any]) -> dict[str, Any]:
     base = {"help": "", "low": None, "high": None, "low_open": False, "high_open": False,
-            "options": None, "auto": False, "identity": True, "parse": None}  # fmt: skip
+            "options": None, "auto": False, "identity": True, "parse": None,
+            "needs": None}  # fmt: skip
     return {**base, **meta}
 
 
@@ -280,10 +285,44 @@ def parse(cls: type[T], raw: Mapping[str, Any] | None, where: str) -> T:
             meta = _meta(f.metadata)
             values[f.name] = _value(hints[f.name], meta, raw[f.name], prefix + f.name)
     group = cls(**values)
+    _refuse_unused(group, prefix)
     check = getattr(group, "check", None)
     if check is not None:
         check(where)
     return group
+
+
+def _needs(f: dataclasses.Field, names: Sequence[str]) -> str | None:
+    needs = _meta(f.metadata)["needs"]
+    if needs is None and "enabled" in names and f.name != "enabled":
+        return "enabled"
+    return needs
+
+
+def _refuse_unused(group: Any, prefix: str) -> None:
+    """A key set away from its default while the flag it needs is off would silently not apply:
+    refused, naming the flag."""
+    fields = dataclasses.fields(group)
+    names = [f.name for f in fields]
+    default = type(group)()
+    for f in fields:
+        flag = _needs(f, names)
+        value = getattr(group, f.name)
+        if flag is None or getattr(group, flag) or value == getattr(default, f.name):
+            continue
+        raise UserError(
+            f"{prefix}{f.name}={_shown(value)} has no effect while {prefix}{flag}=false: set "
+            f"{prefix}{flag}=true to use it, or leave {prefix}{f.name} at its default "
+            f"({_shown(getattr(default, f.name))})."
+        )
+
+
+def _shown(value: Any) -> str:
+    if dataclasses.is_dataclass(value):
+        return str(dataclasses.asdict(value))
+    if isinstance(value, bool):
+        return str(value).lower()
+    return "null" if value is None else str(value)
 
 
 def defaults(cls: type) -> dict[str, Any]:

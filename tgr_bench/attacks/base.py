@@ -56,6 +56,7 @@ class MISettings:
     target: str = key(
         "auto",
         options=TARGET_MODES,
+        needs="targeted",
         help="auto (labels.csv target column, else random) | random | least_likely | labels",
     )
 

@@ -205,8 +205,21 @@ class TGR(GradientHookAttack):
                     f"attack.components=auto (all of them) or a subset of {list(have)}."
                 )
             self.components = list(s.components)
+        self._refuse_unused_gammas(s.gamma)
         self.variant = self.family.auto_variant if s.variant == AUTO else s.variant
         self._too_few: dict[str, int] = {}
+
+    def _refuse_unused_gammas(self, gamma: Gamma) -> None:
+        """A gamma set for a component this run does not regularize would silently not apply."""
+        for c in COMPONENTS:
+            default = getattr(Gamma(), c)
+            if c not in self.components and getattr(gamma, c) != default:
+                raise UserError(
+                    f"attack.gamma.{c}={getattr(gamma, c)} has no effect: this run regularizes "
+                    f"{self.components} on the {self.family.name} source. Leave attack.gamma.{c} "
+                    f"at its default ({default}), or add {c} to attack.components where the "
+                    f"family has it ({list(self.family.tgr_components)})."
+                )
 
     def params(self) -> dict[str, Any]:
         return {

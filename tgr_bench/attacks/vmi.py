@@ -24,7 +24,10 @@ class VMISettings(MISettings):
     n_samples: int = key(20, low=1, help="neighbours N per step, drawn per image from the seed")
     beta: float = key(1.5, low=0, help="neighbourhood radius, in units of eps")
     chunk: int | None = key(
-        None, low=1, help="neighbours per image in one pass; null = all N (halved on OOM)"
+        None,
+        low=1,
+        identity=False,  # the split changes no image (tests/attacks/test_vmi.py)
+        help="neighbours per image in one pass; null = all N (halved on OOM)"
     )
 
 
