@@ -139,6 +139,27 @@ def test_evaluating_an_existing_folder_gives_the_same_numbers(make_cfg, tmp_path
     assert not (tmp_path / "b" / "images").exists()
 
 
+def test_a_source_labelled_run_is_evaluated_against_the_labels_it_attacked(
+    make_cfg, tmp_path: Path
+):
+    # Smoke sets are labelled by the source's clean predictions; an adv_dir evaluation has no
+    # source, so it reads the crafting run's labels.csv and reproduces its numbers.
+    run(make_cfg("experiment=smoke", "data.n=4"), output_dir=tmp_path / "a")
+    labels = pd.read_csv(tmp_path / "a" / "labels.csv")
+    predictions = pd.read_csv(tmp_path / "a" / "predictions.csv")
+    white_box = predictions[predictions.target == "test_pit"].set_index("stem")
+    assert labels.set_index("stem").label.to_dict() == white_box.clean_pred.to_dict()
+    evaluation = make_cfg("experiment=smoke", "data.n=4", f"adv_dir={tmp_path / 'a' / 'images'}")
+    run(evaluation, output_dir=tmp_path / "b")
+    a = pd.read_csv(tmp_path / "a" / "results.csv")
+    b = pd.read_csv(tmp_path / "b" / "results.csv")
+    assert a.asr.tolist() == b.asr.tolist() and a.clean_acc.tolist() == b.clean_acc.tolist()
+    assert set(a.clean_acc) != {0.0}
+    (tmp_path / "a" / "labels.csv").unlink()
+    with pytest.raises(UserError, match="holds no labels.csv"):
+        run(evaluation, output_dir=tmp_path / "c")
+
+
 def test_many_folders_one_invocation_each_target_loaded_once(
     make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):

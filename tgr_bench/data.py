@@ -19,8 +19,10 @@ from typing import Any
 import torch
 
 from tgr_bench import schema
+from tgr_bench.atomic import atomic_write
 from tgr_bench.errors import UserError
 from tgr_bench.pixels import FilePixels, Pixels, SyntheticPixels, inspect_files, read_image
+from tgr_bench.record import LABELS_CSV
 
 __all__ = [
     "DataSpec",
@@ -75,7 +77,7 @@ class FolderData(Selection):
     allow_unlabeled: bool = schema.key(
         False,
         identity=False,  # a permission: a set with unlabelled files runs, on the same images
-        help="true: skip images without a label (counted in the summary and run.json)"
+        help="true: skip images without a label (counted in the summary and run.json)",
     )
 
     def check(self, where: str) -> None:
@@ -506,3 +508,37 @@ def adversarial_pixels(folder: str | Path, clean: ImageSet) -> FilePixels:
                 f"{clean.size[1]}x{clean.size[0]}: the sets do not match."
             )
     return FilePixels(paths)
+
+
+def source_labelled(selection: Any) -> bool:
+    """A synthetic set labelled with the source's clean predictions (data.labels=source)."""
+    return isinstance(selection, SyntheticData) and selection.labels == "source"
+
+
+def source_labelled_identity(identity: dict[str, Any]) -> bool:
+    """The same test on a run record's data identity."""
+    return identity.get("kind") == "synthetic" and identity.get("labels") == "source"
+
+
+def write_run_labels(run_dir: Path, data: ImageSet) -> None:
+    """The labels a run attacked, beside its images, when no file holds them (source-labelled
+    sets): an evaluation of the images takes them from here."""
+    rows = "".join(f"{s},{int(y)}\n" for s, y in zip(data.stems, data.labels.tolist(), strict=True))
+    atomic_write(run_dir / LABELS_CSV, ("stem,label\n" + rows).encode())
+
+
+def read_run_labels(run_dir: Path, stems: list[str]) -> torch.Tensor:
+    """The labels a source-labelled run attacked, in the order of `stems`."""
+    path = run_dir / LABELS_CSV
+    if not path.is_file():
+        raise UserError(
+            f"{run_dir} was crafted with data.labels=source (each image labelled by its source's "
+            f"clean prediction) but holds no {LABELS_CSV} with those labels (was it removed?); "
+            f"craft the images again into a new run folder."
+        )
+    _, rows = csv_rows(path)
+    table = {row["stem"]: check_label(row.get("label"), f"{row['stem']} in {path}") for row in rows}
+    missing = [s for s in stems if s not in table]
+    if missing:
+        raise UserError(f"{path} has no label for {len(missing)} images, e.g. {missing[:3]}.")
+    return torch.tensor([table[s] for s in stems], dtype=torch.int64)

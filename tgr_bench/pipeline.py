@@ -19,7 +19,7 @@ from tgr_bench.advsets import AdvSet, load_sets
 from tgr_bench.aims import choose_aims, write_aims
 from tgr_bench.console import make_console, progress, to_log_files
 from tgr_bench.crafting import craft, image_seeds
-from tgr_bench.data import ImageSet, SyntheticData
+from tgr_bench.data import ImageSet, source_labelled, write_run_labels
 from tgr_bench.errors import Interrupted, Terminated, UserError, exit_code_of
 from tgr_bench.evaluate import CleanCache, evaluate_sets
 from tgr_bench.images import check_saved
@@ -71,7 +71,7 @@ def smoke_labels(data: ImageSet, spec: Any, source: LoadedModel, runtime: Runtim
     """Random-weight smoke models know no ImageNet: with data.labels=source, each synthetic
     image is labelled with the source's clean prediction, so the white-box rate means
     something."""
-    if not (isinstance(spec, SyntheticData) and spec.labels == "source"):
+    if not source_labelled(spec):
         return data
     preds = predict(source.model, data.pixels, runtime.eval_batch_size, runtime.device)
     return data.with_labels(preds)
@@ -201,6 +201,8 @@ def craft_images(
     rt = plan.runtime
     if attack.targeted:
         write_aims(plan.out_dir, data, data.aims)
+    if source_labelled(plan.spec.data):
+        write_run_labels(plan.out_dir, data)
     with progress(console) as bars:
         craft(
             attack=attack,
@@ -234,6 +236,7 @@ def evaluate_step(
             cache=CleanCache(rt.cache_dir),
             progress=bars,
             precision=rt.precision,
+            defenses=plan.spec.settings.load_defenses(),
         )
     record.targets = loaded
     return rows, predictions

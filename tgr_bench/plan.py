@@ -19,12 +19,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
 from omegaconf import OmegaConf
 
 from tgr_bench.advsets import describe_folder
 from tgr_bench.attacks import MIFGSM, build_attack
 from tgr_bench.attacks.architectures import source_family
-from tgr_bench.data import DataSpec, ImageSet, data_spec, load_dataset, present_stems
+from tgr_bench.data import (
+    DataSpec,
+    ImageSet,
+    data_spec,
+    load_dataset,
+    present_stems,
+    read_run_labels,
+    source_labelled,
+    source_labelled_identity,
+)
 from tgr_bench.errors import UserError
 from tgr_bench.hashing import digest
 from tgr_bench.models import (
@@ -222,9 +232,32 @@ def _target_weights(specs: tuple[ModelSpec, ...], tf2torch_dir: str | None) -> l
     return targets
 
 
+def _crafting_labels(spec: RunSpec, data: ImageSet, external: list[AdvSetInfo]) -> ImageSet:
+    """An evaluation scores each image against the label its crafting run attacked: a
+    source-labelled run's labels come from its folder (one set of labels for all folders)."""
+    labelled = [i for i in external if i.identity and source_labelled_identity(i.identity.data)]
+    if not labelled:
+        if source_labelled(spec.data):
+            raise UserError(
+                "data.labels=source labels each image by the source's clean prediction, and an "
+                "adv_dir= evaluation has no source: evaluate the folder of a run crafted with "
+                "data.labels=source (its labels are read from that run), or use data.labels=random."
+            )
+        return data
+    tables = [read_run_labels(Path(i.folder).parent, data.stems) for i in labelled]
+    if any(not torch.equal(t, tables[0]) for t in tables[1:]):
+        raise UserError(
+            "The adv_dir= folders were crafted against different labels (source-labelled runs "
+            "of different sources): evaluate them in separate runs."
+        )
+    return data.with_labels(tables[0])
+
+
 def _data(spec: RunSpec, external: list[AdvSetInfo]) -> tuple[ImageSet, int | None]:
     """The clean images (checked), restricted for only_present and readied for the attack."""
     data = load_dataset(spec.data)
+    if external:
+        data = _crafting_labels(spec, data, external)
     present_of = None
     if spec.data.only_present:
         present_of = len(data)
