@@ -45,9 +45,10 @@ def _other(f: dataclasses.Field, default: Any, tp: Any) -> Any:
     if f.name in SPECIAL:
         return SPECIAL[f.name]
     meta = _meta(f.metadata)
-    if default == "auto":  # resolved per family: any explicit value inside the range
+    if default == "auto":  # resolved per family: an explicit value inside the range
         low, high = meta["low"] or 0, meta["high"]
         return (low + high) / 2 if high is not None else low + 1
+
     if meta["options"]:
         return next(o for o in meta["options"] if o != default)
     if isinstance(default, bool):
@@ -137,14 +138,20 @@ def test_every_attack_key_is_used_or_refused(preset: str, path: tuple[str, ...])
         before = _identity(on)
     except UserError:  # the flag alone is refused on this source (e.g. needs another family)
         pytest.skip(f"{'.'.join(path)}: its flag does not apply to {config['source']['key']}")
-    changed = copy.deepcopy(on)
-    _set(changed["attack"], path, value)
-    try:
-        after = _identity(changed)
-    except UserError as e:
-        assert "\n" not in str(e)  # refused, in one line
-        return
-    assert after != before, f"attack.{'.'.join(path)}={value} changed nothing the run computes"
+    # An explicit value for an `auto` key may be the one `auto` resolves to: try the next too.
+    numeric = isinstance(value, int | float) and not isinstance(value, bool)
+    values = [value, value + 1] if default == "auto" and numeric else [value]
+    for v in values:
+        changed = copy.deepcopy(on)
+        _set(changed["attack"], path, v)
+        try:
+            after = _identity(changed)
+        except UserError as e:
+            assert "\n" not in str(e)  # refused, in one line
+            return
+        if after != before:
+            return
+    raise AssertionError(f"attack.{'.'.join(path)}={values} changed nothing the run computes")
 
 
 @pytest.mark.parametrize("kind", ["folder", "synthetic", "smoke"])

@@ -11,16 +11,23 @@ from collections.abc import Mapping
 from typing import Any
 
 from tgr_bench.attacks.architectures import Family, family_named
+from tgr_bench.attacks.att import ATT
 from tgr_bench.attacks.base import MIFGSM, MISettings
+from tgr_bench.attacks.fpr import FPR
+from tgr_bench.attacks.gns import GNS
 from tgr_bench.attacks.hooks import GradientHookAttack
+from tgr_bench.attacks.ll2s import LL2S
 from tgr_bench.attacks.pna import PNA
 from tgr_bench.attacks.sgm import SGM
 from tgr_bench.attacks.tgr import TGR
+from tgr_bench.attacks.vdc import VDC
 from tgr_bench.attacks.vmi import VMI
 from tgr_bench.errors import UserError
 from tgr_bench.schema import closest, parse
 
-ATTACKS: dict[str, type[MIFGSM]] = {cls.name: cls for cls in (MIFGSM, VMI, SGM, PNA, TGR)}
+ATTACKS: dict[str, type[MIFGSM]] = {
+    cls.name: cls for cls in (MIFGSM, VMI, SGM, PNA, TGR, GNS, VDC, FPR, LL2S, ATT)
+}
 
 
 def _family(cls: type[MIFGSM], family: Family | str | None, source: str | None) -> Family | None:
@@ -66,11 +73,16 @@ def build_attack(
 
 
 __all__ = [
+    "ATT",
     "ATTACKS",
+    "FPR",
+    "GNS",
+    "LL2S",
     "MIFGSM",
     "PNA",
     "SGM",
     "TGR",
+    "VDC",
     "VMI",
     "MISettings",
     "build_attack",
