@@ -110,16 +110,21 @@ class Result:
 
 @pytest.fixture
 def tgr(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, tmp_path: Path):
-    """Run `tgr-bench` (or `prog=`: tgr-bench-variance) in this process, exactly as its entry
+    """Run `tgr-bench` (or `prog=`: tgr-bench-variance, tgr-bench-report) in this process, exactly as its entry
     point runs it (the command line checks, Hydra, the run, the exit code), from `cwd`
     (default tmp_path). A few times faster than a fresh process: the imports are paid once."""
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
 
     from tgr_bench import cli as tgr_cli
+    from tgr_bench.report import cli as report_cli
     from tgr_bench.variance import cli as variance_cli
 
-    mains = {"tgr-bench": tgr_cli.main, "tgr-bench-variance": variance_cli.main}
+    mains = {
+        "tgr-bench": tgr_cli.main,
+        "tgr-bench-variance": variance_cli.main,
+        "tgr-bench-report": report_cli.main,
+    }
 
     def call(*args: str, prog: str = "tgr-bench", cwd: Path | None = None) -> Result:
         monkeypatch.chdir(cwd or tmp_path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -273,6 +274,11 @@ def test_evaluating_the_images_a_folder_has(tgr, tmp_path: Path):
     [
         (["hydra.run.dir=FILE/run"], "FILE is a file; choose a folder"),
         (["-m", "hydra.sweep.dir=FILE"], "FILE is a file; choose a folder"),
+        (["hydra.run.dir="], "an empty or root folder would mix the run's files with others"),
+        (["hydra.run.dir=/"], "an empty or root folder"),
+        (["-m", "hydra.sweep.dir= "], "an empty or root folder"),
+        (["data.root=/data/ré"], "quote it, in the shell: 'data.root=\"/data/ré\"'"),
+        (["hydra.run.dir=/tmp/ré"], "Hydra cannot read this value unquoted"),
     ],
 )
 def test_settings_that_would_be_ignored_or_crash_hydra_are_refused(tmp_path: Path, argv, match):
@@ -281,8 +287,24 @@ def test_settings_that_would_be_ignored_or_crash_hydra_are_refused(tmp_path: Pat
 
     (tmp_path / "FILE").write_text("x")
     argv = [a.replace("FILE", str(tmp_path / "FILE")) for a in argv]
-    with pytest.raises(UserError, match=match.replace("FILE", str(tmp_path / "FILE"))):
+    with pytest.raises(UserError, match=re.escape(match.replace("FILE", str(tmp_path / "FILE")))):
         check_overrides(argv)
+
+
+def test_an_unwritable_output_folder_is_named_before_any_work(
+    tgr, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    import os
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real = os.access  # root may write anywhere: the check's answer for this folder is set
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != locked and real(p, mode))
+    r = tgr("experiment=smoke", f"hydra.run.dir={locked / 'run'}")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"{locked} is not writable (permission denied or a read-only mount)" in r.stderr
+    r = tgr("--out", str(locked / "tables"), str(tmp_path), prog="tgr-bench-report")
+    assert r.returncode == 2 and f"--out={locked / 'tables'}: {locked} is not writable" in r.stderr
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tgr_bench import __version__
 from tgr_bench.advsets import describe_folder
+from tgr_bench.atomic import writable_folder
 from tgr_bench.config import GROUPS, choices, compose, register
 from tgr_bench.entry import guarded, main_of
 from tgr_bench.errors import UserError
@@ -95,13 +96,32 @@ def overrides_of(argv: Sequence[str]) -> list[str]:
 
 
 def _check_output_dir(key: str, value: str) -> None:
-    """hydra.run.dir / hydra.sweep.dir inside a file: Hydra would fail with a traceback."""
-    path = Path(value).expanduser()
-    for p in (path, *path.parents):
-        if p.exists():
-            if not p.is_dir():
-                raise UserError(f"{key}={value}: {p} is a file; choose a folder for the run.")
-            return
+    """hydra.run.dir / hydra.sweep.dir: empty (an unset shell variable) or the root would put
+    the run's files among others; inside a file or an unwritable folder, Hydra would fail with
+    a traceback."""
+    value = value.strip().strip("\"'")  # a quoted value, as Hydra reads it
+    if not value or Path(value).expanduser().resolve() == Path("/"):
+        raise UserError(
+            f"{key}={value!r}: an empty or root folder would mix the run's files with others "
+            f"(an unset shell variable?); name the run's own folder, or leave {key} out."
+        )
+    writable_folder(Path(value), key)
+
+
+def _check_parses(arg: str) -> None:
+    """An override Hydra's grammar cannot read (a space, a non-ASCII letter, a bracket in a
+    path): one line with the quoted form that works."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    try:
+        OverridesParser.create().parse_overrides([arg])
+    except OverrideParseException:
+        key, _, value = arg.partition("=")
+        raise UserError(
+            f"{arg}: Hydra cannot read this value unquoted; quote it, in the shell: "
+            f"'{key}=\"{value}\"'"
+        ) from None
 
 
 def _check_options(group: str, value: str) -> None:
@@ -149,6 +169,7 @@ def check_overrides(
     _note_ignored(overrides)
     groups, keys = [], []
     for arg in overrides:
+        _check_parses(arg)
         key, _, value = arg.partition("=")
         if key in ("hydra.run.dir", "hydra.sweep.dir"):
             _check_output_dir(key, value)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 from rich.console import Console
 
-from tgr_bench.atomic import atomic_write
+from tgr_bench.atomic import atomic_write, writable_folder
 from tgr_bench.entry import main_of
 from tgr_bench.errors import UserError
 from tgr_bench.report.cells import collect
@@ -81,8 +81,8 @@ def main(argv: list[str] | None = None) -> None:
 def report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """Every input checked before anything is written: no output folder holds half a report."""
     console = Console()
-    if args.out is not None and args.out.exists() and not args.out.is_dir():
-        raise UserError(f"--out {args.out} is a file; pass a folder (it is created if missing).")
+    if args.out is not None:
+        writable_folder(args.out, "--out")
     if args.bench:
         text = bench_markdown(args.bench)
         console.print(text)
