@@ -13,7 +13,11 @@ def __getattr__(name: str):  # load_model imports torch and timm: only when aske
         from tgr_bench.api import load_model
 
         return load_model
+    if name == "load_defense":  # load_defense(name, **settings): the papers' ImageNet defaults
+        from tgr_bench.defenses import load_defense
+
+        return load_defense
     raise AttributeError(f"module 'tgr_bench' has no attribute {name!r}")
 
 
-__all__ = ["__version__", "load_model"]
+__all__ = ["__version__", "load_defense", "load_model"]

@@ -93,11 +93,20 @@ class ModelSpec:
     )
     std: tuple[float, ...] | None = schema.key(None)
     input_size: int | None = schema.key(None, low=1)
+    torchvision: str | None = schema.key(
+        None, help="torchvision weights of `model` (its builder), e.g. IMAGENET1K_V2: torchvision"
+    )
+    robustbench: str | None = schema.key(
+        None, help="RobustBench ImageNet L-inf model name, e.g. Salman2020Do_R50 (robust extra)"
+    )
+    model_dir: str = schema.key(
+        "models", help="robustbench: the folder of imagenet/Linf/<name>.pt (robustbench's own)"
+    )
 
     def check(self, where: str) -> None:
         if not self.key:
             raise UserError(f"{where}.key is empty: a model entry names its catalogue key.")
-        if self.model is None and self.tfslim is None:
+        if self.model is None and self.tfslim is None and self.robustbench is None:
             raise UserError(
                 f"Model entry {self.key!r} names neither a timm model (model=) nor TF-slim "
                 f"weights (tfslim=); see tgr-bench-list."
@@ -124,7 +133,7 @@ class ModelSpec:
     @property
     def arch(self) -> str:
         """The name that tells the architecture: the timm name, else the TF-slim key."""
-        return self.model or str(self.tfslim)
+        return self.model or self.robustbench or str(self.tfslim)
 
     def identity(self) -> dict[str, Any]:
         """What this model computes: part of a run's identity (the weight file's hash is checked
@@ -138,6 +147,8 @@ class ModelSpec:
             "checkpoint": checkpoint,
             "kwargs": self.kwargs,
             **({"copy_of": self.copy_of, "noise": self.noise} if self.copy_of else {}),
+            **({"torchvision": self.torchvision} if self.torchvision else {}),
+            **({"robustbench": self.robustbench} if self.robustbench else {}),
             "mean": list(self.mean) if self.mean else None,
             "std": list(self.std) if self.std else None,
             "input_size": self.input_size,
@@ -258,6 +269,8 @@ def resolve_weights(spec: ModelSpec, tf2torch_dir: str | None = None) -> WeightF
                 f"conversion by `tgr-bench-prepare convert-tf2torch`)."
             )
         return WeightFile("checkpoint", str(path.resolve()), sha256_file(path))
+    if spec.robustbench is not None or spec.torchvision is not None:
+        return _extra_weights(spec)
     if tf2torch_dir and spec.tfslim is not None:
         return _tf2torch_weights(tf2torch_file(tf2torch_dir, spec), spec)
     if not spec.pretrained:
@@ -481,6 +494,8 @@ def build_model(
     Random weights are drawn from a generator seeded by the model key and the run seed, so the
     same key is the same network as source and as target, in every run with that seed.
     """
+    if spec.robustbench is not None or spec.torchvision is not None:
+        return LoadedModel(spec, weights, _extra_model(spec, weights, device, seed))
     tfslim = weights.kind == "tf2torch" or spec.model is None
     cfg = dict(TFSLIM_INPUT) if tfslim else pretrained_cfg(spec)
     try:
@@ -508,4 +523,84 @@ def build_model(
 def check_model_name(spec: ModelSpec) -> None:
     """Fail fast on names timm does not know, before weights are fetched (TF-slim keys were
     checked when the spec was made)."""
+    if spec.robustbench is not None or spec.torchvision is not None:
+        _torchvision_weights(spec) if spec.torchvision else _robust().check_robust_name(spec)
+        return
     pretrained_cfg(spec)
+
+
+# ---- models of the optional extras: torchvision weights, RobustBench -----------------------
+TORCHVISION_INSTALL = 'pip install "tgr-bench[torchvision]"'
+
+
+def _robust() -> Any:
+    from tgr_bench import robust  # imports models: loaded only when a RobustBench key is used
+
+    return robust
+
+
+def _torchvision_weights(spec: ModelSpec) -> Any:
+    """The torchvision weights enum of `spec` (builder `model`, weights `torchvision`)."""
+    try:
+        from torchvision.models import get_model_builder, get_model_weights
+    except ImportError as e:
+        raise UserError(f"{spec.key!r} uses torchvision weights: {TORCHVISION_INSTALL}.") from e
+    try:
+        get_model_builder(str(spec.model))
+        enum = get_model_weights(str(spec.model))
+    except ValueError as e:
+        raise UserError(f"{spec.key!r}: torchvision has no model {spec.model!r}.") from e
+    if spec.torchvision not in enum.__members__:
+        raise UserError(
+            f"{spec.key!r}: torchvision has no weights {spec.torchvision!r} for {spec.model}; "
+            f"it has {', '.join(enum.__members__)}."
+        )
+    return enum[spec.torchvision]
+
+
+def _extra_weights(spec: ModelSpec) -> WeightFile:
+    """The weight file of a torchvision or RobustBench model: found in its cache, or fetched
+    when the network is there; else one line saying where to put it."""
+    if spec.robustbench is not None:
+        return _robust().robust_weights(spec)
+    if not spec.pretrained:
+        return WeightFile("random")
+    weights = _torchvision_weights(spec)
+    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(weights.url).path).name
+    if not path.is_file():
+        host = urlparse(weights.url).hostname or ""
+        try:
+            socket.create_connection((host, 443), timeout=3.0).close()
+        except OSError as e:
+            raise UserError(
+                f"The torchvision weights of {spec.key!r} are not at {path} and {host} cannot "
+                f"be reached: download {weights.url} and copy it to that path."
+            ) from e
+        torch.hub.load_state_dict_from_url(weights.url, progress=False, check_hash=True)
+    return WeightFile("torchvision", str(path), sha256_file(path))
+
+
+def _extra_model(
+    spec: ModelSpec, weights: WeightFile, device: torch.device | str, seed: int = 0
+) -> PixelModel:
+    """A torchvision model with its weights' own preprocessing (mean, std, crop size), or a
+    RobustBench model built by robustbench's loader; eval mode, no parameter gradients."""
+    if spec.robustbench is not None:
+        return (
+            _robust()
+            .load_robust_model(spec.robustbench, spec.model_dir, device, spec.input_size)
+            .model
+        )
+    from torchvision.models import get_model
+
+    enum = _torchvision_weights(spec)
+    with torch.random.fork_rng(devices=[]):  # random weights: seeded as build_model seeds timm's
+        torch.manual_seed(zlib.crc32(spec.key.encode()) ^ (seed & 0xFFFFFFFF))
+        net = get_model(str(spec.model), weights=None, **spec.kwargs)
+    if weights.kind == "torchvision":
+        net.load_state_dict(torch.load(str(weights.path), map_location="cpu", weights_only=True))
+    prep = enum.transforms()
+    size = spec.input_size or int(prep.crop_size[0])
+    mean, std = spec.mean or tuple(prep.mean), spec.std or tuple(prep.std)
+    model = PixelModel(net, mean, std, size, key=spec.key).eval().to(device)
+    return model.requires_grad_(False)

@@ -20,9 +20,21 @@ from tgr_bench.record import (
 )
 from tgr_bench.report.writers import print_table, to_markdown
 
+# Columns of a target evaluated through a defense (`T+<defense>`), after RESULT_COLUMNS; empty
+# on the undefended rows. Abstentions (smoothing) count as not correct and as fooled.
+DEFENSE_COLUMNS = [
+    "defense", "defense_params", "n_abstained", "n_clean_abstained",
+    "abstain_rate", "clean_abstain_rate",
+]  # fmt: skip
+DEFENSE_NOTE = (
+    "A target T+<defense> is T evaluated through that defense (clean_acc and asr both through "
+    "it); an abstention of smoothing counts as a wrong answer: not clean-correct, and fooled."
+)
+
 
 def results_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    return pd.DataFrame(rows, columns=RESULT_COLUMNS)
+    defended = any(r.get("defense") for r in rows)
+    return pd.DataFrame(rows, columns=RESULT_COLUMNS + (DEFENSE_COLUMNS if defended else []))
 
 
 def _rate(value: float) -> str:
@@ -33,7 +45,7 @@ def text_frame(df: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
     """Rates with one decimal ('-' when undefined), the white-box flag spelled out."""
     out = df[columns].copy().astype(object)
     for c in columns:
-        if c in RATES:
+        if c in RATES or c in ("abstain_rate", "clean_abstain_rate"):
             out[c] = df[c].map(_rate)
         elif c == "white_box":
             out[c] = df[c].map(lambda w: "white-box" if w else "")
@@ -62,8 +74,12 @@ def write_run_results(df: pd.DataFrame, predictions: pd.DataFrame, out_dir: Path
         old = pd.read_csv(out_dir / PREDICTIONS_CSV, dtype=TEXT_COLUMNS)
         predictions = pd.concat([keep_other_weights(old, predictions), predictions])
     atomic_write(out_dir / RESULTS_CSV, df.to_csv(index=False, float_format="%.4f").encode())
-    note = f"{DESCRIPTION} The white-box row (source = target) is not a transfer result.\n\n"
+    note = f"{DESCRIPTION} The white-box row (source = target) is not a transfer result."
     shown = [c for c in RESULT_COLUMNS if c not in ("run_id", "target_sha256")]
+    if "defense" in df and df["defense"].notna().any():
+        note += f" {DEFENSE_NOTE}"
+        shown += ["defense_params", "abstain_rate", "clean_abstain_rate"]
+    note += "\n\n"
     atomic_write(out_dir / RESULTS_MD, (note + to_markdown(text_frame(df, shown))).encode())
     atomic_write(out_dir / PREDICTIONS_CSV, predictions.to_csv(index=False).encode())
 
@@ -75,4 +91,6 @@ def print_run_results(df: pd.DataFrame, title: str, console: Console | None = No
         ]
     )
     rates = [r for r in RATES if r != "tsr" or df.tsr.notna().any()]  # tsr: targeted runs only
+    if "n_abstained" in df and (df.n_abstained.fillna(0) > 0).any():
+        rates.append("abstain_rate")  # smoothing abstained on some image
     print_table(text_frame(shown, ["target", "n", *rates]), title, console)

@@ -5,12 +5,18 @@ and the determinism flags. Validated once, then passed down as one object."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from tgr_bench.defenses.settings import (
+    defense_defaults,
+    load_defenses,
+    parse_names,
+    parse_settings,
+)
 from tgr_bench.errors import UserError
 from tgr_bench.schema import AUTO, key
 
@@ -79,6 +85,24 @@ class RunSettings(RuntimeSettings):
         help=f"clean predictions per target and data; auto = ${CACHE_ENV} or "
         f"~/.cache/tgr-bench; null = off",
     )
+    # Input defenses and smoothing: each adds a target `T+<name>` for every target T
+    # (tgr_bench/defenses/settings.py, docs/defenses.md).
+    defenses: tuple[str, ...] = key(
+        [], parse=parse_names, help="evaluate every target also under these defenses: [jpeg,rp]"
+    )
+    defense: dict[str, Any] = field(
+        default_factory=defense_defaults,
+        metadata={"parse": parse_settings, "help": "settings: defense.jpeg.quality=50"},
+    )
+
+    def check(self, where: str) -> None:
+        # Every selected defense is built once here, so a bad setting or a missing NRP file
+        # stops the run before anything is crafted.
+        self.load_defenses()
+
+    def load_defenses(self) -> list[Any]:
+        """The defenses of `defenses`, built with their `defense.<name>` settings."""
+        return load_defenses(self.defenses, self.defense)
 
 
 def resolve_device(name: str) -> torch.device:
