@@ -4,6 +4,8 @@ The declarations are the configs' only defaults."""
 
 from __future__ import annotations
 
+import importlib.util
+import re
 from importlib.resources import files
 
 import pytest
@@ -14,6 +16,7 @@ from tgr_bench.attacks.architectures import source_family
 from tgr_bench.catalogue import model_keys, model_spec
 from tgr_bench.config import CONFIG_MODULE, GROUPS, choices, compose
 from tgr_bench.data import DATA_KINDS, data_spec
+from tgr_bench.errors import UserError
 from tgr_bench.models import ModelSpec, check_model_name
 from tgr_bench.plan import resolve
 from tgr_bench.schema import defaults
@@ -29,7 +32,10 @@ def compose_with(*overrides: str):
 
 def test_the_groups_are_the_documented_ones():
     assert set(choices("attack")) >= {"mi", "vmi", "sgm", "pna", "tgr", "pna_patchout"}
-    assert set(choices("targets")) == {"vits", "cnns", "defended", "paper", "smoke", "none"}
+    assert set(choices("targets")) == {
+        *("vits", "cnns", "defended", "paper", "smoke", "none"),
+        *("transferattack", "modern", "robustbench"),
+    }
     assert set(choices("data")) == {"folder", "synthetic", "smoke"}
     assert "schema" not in model_keys() and "vit_base" in model_keys()
 
@@ -38,6 +44,13 @@ def test_the_groups_are_the_documented_ones():
     "group,option", [(g, o) for g in GROUPS for o in choices(g)], ids=lambda v: str(v)
 )
 def test_every_option_composes_to_a_valid_run(group: str, option: str):
+    robust = option == "robustbench" or option.startswith("rb_")
+    if robust and importlib.util.find_spec("robustbench") is None:
+        with pytest.raises(UserError, match=re.escape('pip install "tgr-bench[robust]"')):
+            spec = resolve(compose_with(f"{group}={option}"), keep=False)
+            for model in (spec.source, *spec.targets):
+                check_model_name(model)
+        return
     cfg = compose_with(f"{group}={option}")
     source = model_spec(cfg.source.key)
     attack = build_attack(cfg.attack, source_family(source.arch), source.key)
@@ -79,6 +92,8 @@ def test_catalogue_entries_state_only_what_differs(key: str):
     body = [ln for ln in text.splitlines() if ln and not ln.startswith(("#", " ", "defaults"))]
     spec = model_spec(key)
     named = f"model: {spec.model}" if spec.model else f"tfslim: {spec.tfslim}"
+    if spec.robustbench:
+        named = f"robustbench: {spec.robustbench}"
     if spec.copy_of:
         named = f"copy_of: {spec.copy_of}"
     assert body[:2] == [f"key: {key}", named]

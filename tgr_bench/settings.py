@@ -87,7 +87,7 @@ class RunSettings(RuntimeSettings):
     )
     # Input defenses and smoothing: each adds a target `T+<name>` for every target T
     # (tgr_bench/defenses/settings.py, docs/defenses.md).
-    defenses: tuple[str, ...] = key(
+    defenses: list[str] = key(
         [], parse=parse_names, help="evaluate every target also under these defenses: [jpeg,rp]"
     )
     defense: dict[str, Any] = field(

@@ -29,7 +29,7 @@ from tgr_bench.record import AdvSetInfo
 
 def test_the_keys_compose_with_the_papers_defaults_and_take_overrides(make_cfg):
     spec = resolve(make_cfg("experiment=smoke", "defenses=[jpeg,rp]", "defense.jpeg.quality=50"))
-    assert spec.settings.defenses == ("jpeg", "rp")
+    assert spec.settings.defenses == ["jpeg", "rp"]
     built = spec.settings.load_defenses()
     assert built[0].params() == {"jpeg_quality": 50}
     assert built[1].params()["rp_max_scale"] == pytest.approx(331 / 299)

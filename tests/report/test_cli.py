@@ -69,7 +69,7 @@ def test_damaged_run_directories_are_named_never_half_reported(
     [
         (["--groups", "vit"], "no target groups ['vit']; choose among vits, cnns, defended"),
         (["--sweep", "zzz"], "no run in this table has the parameter 'zzz'"),
-        (["--out", "FILE"], "is a file; pass a folder"),
+        (["--out", "FILE"], "is a file; choose a folder"),
         (["--bench", "MISSING"], "not a scripts/bench.py JSON result"),
         (["--bench", "ODD"], "no 'crafting' section"),
         (["--metric", "tsr"], "--metric tsr is the targeted success rate"),
@@ -153,3 +153,14 @@ def test_bench_json_is_tabulated(tmp_path: Path):
         "| cpu (x86_64, 2 threads) | vit_base | 8 | fp32 | mi 1.18, tgr 1.10 | 1.066 | "
         "inc_v3 11.7 |"
     ) in (tmp_path / "bench.md").read_text()
+
+
+def test_a_craft_only_run_is_told_how_to_evaluate_it(tgr, tmp_path: Path):
+    crafted = tmp_path / "crafted"
+    r = tgr(
+        "experiment=smoke", "data.n=2", "attack.steps=1", "targets=none", f"hydra.run.dir={crafted}"
+    )
+    assert r.returncode == 0, r.stderr
+    r = tgr(str(crafted), prog="tgr-bench-report")
+    assert r.returncode == 2 and "craft-only run (targets=none)" in r.stderr
+    assert f"adv_dir={crafted / 'images'}" in r.stderr and "Re-run" not in r.stderr

@@ -36,3 +36,21 @@ def test_component_plot(tmp_path: Path):
         )
     report([str(comp), "--out", str(tmp_path / "c"), "--components"])
     assert (tmp_path / "c" / "components.png").stat().st_size > 5000
+
+
+def test_runs_that_differ_elsewhere_are_never_averaged_into_one_bar(tmp_path: Path):
+    from tgr_bench.report.plots import apart, group_averages
+
+    for k in (1, 2):
+        for comps in ("attn", "attn+qkv"):
+            fake_run(
+                tmp_path,
+                f"{comps}-{k}",
+                identity("vit_base", "tgr", {"components": comps, "k": k}),
+                [ok("pit_b", 3 * k)],
+            )
+    avg = group_averages(collect([tmp_path]))
+    assert len(avg) == 4 and sorted(avg.asr) == [30.0, 30.0, 60.0, 60.0]
+    assert sorted(apart(avg, "components")) == [" [k=1]", " [k=1]", " [k=2]", " [k=2]"]
+    report([str(tmp_path), "--out", str(tmp_path / "c"), "--components"])
+    assert (tmp_path / "c" / "components.png").stat().st_size > 5000

@@ -88,3 +88,46 @@ def test_paper_table_text(runs: Path):
     assert (
         r"vit\_base & tgr k=2 & 100.0$^*$ & 50.0 & 70.0 & 40.0 & n/a & 60.0 & 40.0 (1/2) \\" in tex
     )
+
+
+def test_defended_columns_sit_under_their_defense_with_an_average_each(tmp_path: Path):
+    fake_run(
+        tmp_path,
+        "mi",
+        identity("vit_base", "mi"),
+        [
+            *(ok("vit_base", 10), ok("pit_b", 4), ok("inc_v3", 2)),
+            *(ok("vit_base+jpeg", 9), ok("pit_b+jpeg", 3), ok("inc_v3+jpeg", 1)),
+            ok("pit_b+rp", 6),
+        ],
+    )
+    table = paper_table(collect([tmp_path]))
+    columns = [c for c in table.columns if c not in ("source", "attack", "run_dirs")]
+    assert columns == [
+        *("vit_base", "pit_b", "inc_v3", "avg ViTs", "avg CNNs"),
+        *("vit_base+jpeg", "pit_b+jpeg", "inc_v3+jpeg", "avg +jpeg"),
+        *("pit_b+rp", "avg +rp"),
+    ]
+    row = table.iloc[0]
+    assert row["vit_base+jpeg"] == "90.0*"  # the source under a defense is still white-box
+    assert row["avg +jpeg"] == "20.0" and row["avg +rp"] == "60.0" and row["avg ViTs"] == "40.0"
+
+
+def test_the_console_prints_labels_literally(tmp_path: Path, capsys):
+    from tgr_bench.report.cli import main as report
+
+    for seed in (0, 1):
+        fake_run(tmp_path, f"s{seed}", identity("vit_base", "mi", seed=seed), [ok("pit_b", 3)])
+    report([str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "mi [seed=0]" in out and "mi [seed=1]" in out
+
+
+def test_groups_without_such_targets_are_refused(tmp_path: Path, capsys):
+    from tgr_bench.report.cli import main as report
+
+    fake_run(tmp_path, "mi", identity("vit_base", "mi"), [ok("inc_v3", 3)])
+    with pytest.raises(SystemExit) as e:
+        report([str(tmp_path), "--groups", "vits"])
+    assert e.value.code == 2
+    assert "no target of that group; their targets are in cnns" in capsys.readouterr().err

@@ -34,22 +34,22 @@ def defense_defaults() -> dict[str, dict[str, Any]]:
     return out
 
 
-def parse_names(name: str, value: Any) -> tuple[str, ...]:
+def parse_names(name: str, value: Any) -> list[str]:
     """`defenses`: a list of defense names, each at most once."""
     from tgr_bench.defenses import DEFENSES
 
     if value is None:
-        return ()
+        return []
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list | tuple):
         raise UserError(f"{name}={value!r}: need a list of defenses, e.g. {name}=[jpeg,bit_depth].")
-    names = tuple(str(v) for v in value)
+    names = [str(v) for v in value]
     for v in names:
         if v not in DEFENSES:
             raise UserError(f"{name}: unknown defense {v!r}; available: {', '.join(DEFENSES)}.")
     if len(set(names)) != len(names):
-        raise UserError(f"{name}={list(names)} names a defense twice.")
+        raise UserError(f"{name}={names} names a defense twice.")
     return names
 
 

@@ -23,6 +23,7 @@ from tgr_bench.metrics import COUNTS, RATES, rates
 from tgr_bench.record import AdvSetInfo, Identity
 from tgr_bench.report.runs import LoadedRun, load_runs
 
+DEFENDED = "+"  # `T+<defense>`: target T evaluated under an input defense (results.py)
 TARGET_GROUPS = ("vits", "cnns", "defended")  # the targets= options the tables group by
 TARGET_WEIGHTS = ("target_sha256", "target_weights")  # which weight file a target's cell used
 
@@ -197,8 +198,15 @@ def cells(runs: list[LoadedRun], note: Callable[[str], None] = print) -> pd.Data
     for c in (*COUNTS, *RATES, "target_sha256", "target_weights"):
         if c not in frame:
             frame[c] = None if c.startswith("target_") else float("nan")
-    frame["white_box"] = frame.target == frame.source
-    frame["group"] = frame.target.map(lambda t: target_groups().get(t, "other"))
+    # `T+d` is target T under defense d: white-box when T is the source; its heading is the
+    # defense's, so each defense gets an average of its own.
+    base = frame.target.map(lambda t: str(t).split(DEFENDED)[0])
+    frame["white_box"] = base == frame.source
+    frame["base_group"] = base.map(lambda t: target_groups().get(t, "other"))
+    defended = frame.target.map(lambda t: DEFENDED in str(t))
+    frame["group"] = frame.base_group.where(
+        ~defended, frame.target.map(lambda t: DEFENDED + str(t).split(DEFENDED, 1)[-1])
+    )
     frame["column"] = _columns(frame)
     return frame
 

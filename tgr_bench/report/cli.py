@@ -101,7 +101,14 @@ def report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
                 f"--groups {args.groups}: no target groups {unknown}; choose among "
                 f"{', '.join(g for g in GROUP_TITLES if g != 'other')}."
             )
-        cells = cells[cells.group.isin(asked | {"other"}) | (cells.target == "-")]
+        kept = cells[cells.base_group.isin(asked) | (cells.target == "-")]
+        if kept.target.eq("-").all():
+            have = sorted(set(cells.base_group) - {"other"}) or ["none of the paper's groups"]
+            raise UserError(
+                f"--groups {args.groups}: these runs have no target of that group; their "
+                f"targets are in {', '.join(have)}. Choose among those, or leave --groups out."
+            )
+        cells = kept
     if args.sweep and not cells.params.map(lambda p: args.sweep in json.loads(p)).any():
         raise UserError(
             f"--sweep {args.sweep}: no run in this table has the parameter {args.sweep!r}; the "

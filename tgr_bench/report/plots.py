@@ -14,13 +14,30 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from tgr_bench.atomic import atomic_write  # noqa: E402
-from tgr_bench.report.tables import GROUP_TITLES  # noqa: E402
+from tgr_bench.report.tables import group_title  # noqa: E402
 
 
 def group_averages(cells: pd.DataFrame, metric: str = "asr") -> pd.DataFrame:
-    """Mean black-box success rate per (source, params, group)."""
+    """Mean black-box success rate per (source, params, settings, group): runs that differ in
+    anything are never averaged together."""
     ok = cells[(cells.status == "ok") & ~cells.white_box]
-    return ok.groupby(["source", "params", "group"], sort=False)[metric].mean().reset_index()
+    keys = ["source", "params", "settings", "group"]
+    return ok.groupby(keys, sort=False)[metric].mean().reset_index()
+
+
+def apart(avg: pd.DataFrame, shown: str) -> pd.Series:
+    """What tells rows apart besides the dimension `shown` (a parameter): `` when nothing
+    does, else ` [k=2 seed=1]`, per source."""
+    suffix = pd.Series("", index=avg.index, dtype=object)
+    for _, part in avg.groupby("source", sort=False):
+        params = part.params.map(lambda p: {k: v for k, v in json.loads(p).items() if k != shown})
+        both = [{**p, **json.loads(s)} for p, s in zip(params, part.settings, strict=True)]
+        keys = sorted({k for d in both for k in d})
+        varying = [k for k in keys if len({json.dumps(d.get(k)) for d in both}) > 1]
+        for idx, d in zip(part.index, both, strict=True):
+            if varying:
+                suffix[idx] = " [" + " ".join(f"{k}={d.get(k)}" for k in varying) + "]"
+    return suffix
 
 
 def _save(fig: plt.Figure, out: Path, name: str) -> list[Path]:
@@ -46,12 +63,14 @@ def plot_sweep(cells: pd.DataFrame, param: str, out: Path, metric: str = "asr") 
     avg = group_averages(cells, metric)
     avg["value"] = avg.params.map(lambda p: json.loads(p).get(param))
     avg = avg[avg.value.notna()]  # runs without this parameter (e.g. the MI baseline)
+    avg["apart"] = apart(avg, param)
     sources = list(dict.fromkeys(avg.source))
     fig, axes = plt.subplots(1, len(sources), figsize=(5 * len(sources), 4), squeeze=False)
     for ax, source in zip(axes[0], sources, strict=True):
         part = avg[avg.source == source].sort_values("value")
-        for group, line in part.groupby("group", sort=False):
-            ax.plot(line.value, line[metric], marker="o", label=f"avg {GROUP_TITLES[group]}")
+        for (group, other), line in part.groupby(["group", "apart"], sort=False):
+            label = f"avg {group_title(group)}{other}"
+            ax.plot(line.value, line[metric], marker="o", label=label)
         if default is not None:
             ax.axvline(default, color="grey", linestyle="--", label=f"default {param}={default}")
         if part.value.min() > 0 and part.value.max() / max(part.value.min(), 1e-9) >= 8:
@@ -68,18 +87,19 @@ def plot_sweep(cells: pd.DataFrame, param: str, out: Path, metric: str = "asr") 
 def plot_components(cells: pd.DataFrame, out: Path, metric: str = "asr") -> list[Path]:
     avg = group_averages(cells, metric)
     avg["components"] = avg.params.map(lambda p: json.loads(p).get("components", "-"))
+    avg["components"] += apart(avg, "components")  # other differences: bars of their own
     sources = list(dict.fromkeys(avg.source))
     fig, axes = plt.subplots(1, len(sources), figsize=(6 * len(sources), 4), squeeze=False)
     for ax, source in zip(axes[0], sources, strict=True):
         table = avg[avg.source == source].pivot_table(
             index="components", columns="group", values=metric, sort=False
         )
-        order = sorted(table.index, key=lambda c: (c.count("+"), c))
+        order = sorted(table.index, key=lambda c: (c.split(" ")[0].count("+"), c))
         table = table.loc[order]
         width = 0.8 / max(1, len(table.columns))
         for i, group in enumerate(table.columns):
             xs = [j + i * width for j in range(len(table))]
-            bars = ax.bar(xs, table[group], width, label=f"avg {GROUP_TITLES[group]}")
+            bars = ax.bar(xs, table[group], width, label=f"avg {group_title(group)}")
             ax.bar_label(bars, fmt="%.1f", fontsize=7)
         ax.set_xticks([j + width * (len(table.columns) - 1) / 2 for j in range(len(table))])
         ax.set_xticklabels(table.index, rotation=20)

@@ -10,7 +10,7 @@ import pandas as pd
 
 from tgr_bench.errors import UserError
 from tgr_bench.metrics import COUNTS
-from tgr_bench.record import RESULTS_CSV, RUN_JSON, TEXT_COLUMNS, RunRecord
+from tgr_bench.record import IMAGES_DIR, RESULTS_CSV, RUN_JSON, TEXT_COLUMNS, RunRecord
 
 
 @dataclass
@@ -66,6 +66,12 @@ def read_results(path: Path, record: RunRecord) -> pd.DataFrame:
     try:
         results = pd.read_csv(csv, dtype=TEXT_COLUMNS)
     except FileNotFoundError:
+        if not record.target_keys:  # crafted with targets=none: re-running evaluates nothing
+            raise UserError(
+                f"{path} is a craft-only run (targets=none): images, no results. Evaluate them "
+                f"with `tgr-bench adv_dir={path / IMAGES_DIR} targets=<group> <its data "
+                f"settings>` and report that run, or leave the directory out."
+            ) from None
         raise UserError(f"{path} records a complete run but has no {RESULTS_CSV}. {redo}") from None
     except (ValueError, UnicodeDecodeError) as e:  # pandas' empty and parser errors included
         raise UserError(f"{csv} cannot be read ({e}). {redo}") from e

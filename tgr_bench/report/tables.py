@@ -11,11 +11,27 @@ import pandas as pd
 
 from tgr_bench.atomic import atomic_write
 from tgr_bench.errors import UserError
-from tgr_bench.report.cells import TARGET_GROUPS, target_groups
+from tgr_bench.report.cells import DEFENDED, TARGET_GROUPS, target_groups
 from tgr_bench.report.writers import to_csv, to_latex, to_markdown
 
 GROUP_TITLES = {"vits": "ViTs", "cnns": "CNNs", "defended": "defended", "other": "other"}
-ATTACK_ORDER = ("mi", "vmi", "sgm", "pna", "tgr", "pna_patchout", "tgr_patchout")  # the paper's
+# The paper's attacks in its order, then the attacks published after it (backward-pass edits,
+# then forward-pass changes).
+ATTACK_ORDER = (
+    *("mi", "vmi", "sgm", "pna", "tgr", "pna_patchout", "tgr_patchout"),
+    *("att", "gns", "vdc", "fpr", "ll2s"),
+)
+
+
+def group_title(group: str) -> str:
+    """A target group's heading: `ViTs`, ..., or `+jpeg` for the columns under a defense."""
+    return GROUP_TITLES.get(group, group)
+
+
+def heading_order(groups: list[str]) -> list[str]:
+    """The paper's groups, then `other`, then each defense as first seen."""
+    plain = [g for g in (*TARGET_GROUPS, "other") if g in groups]
+    return plain + [g for g in dict.fromkeys(groups) if g not in plain]
 
 
 def _value_key(value: object) -> tuple:
@@ -78,7 +94,14 @@ def target_order(cells: pd.DataFrame) -> list[str]:
     known = {t: i for i, t in enumerate(target_groups())}
     present = dict(zip(cells.column, cells.target, strict=True))
     first = {t: i for i, t in enumerate(dict.fromkeys(cells.target))}  # others: as configured
-    return sorted(present, key=lambda c: (known.get(present[c], len(known)), first[present[c]], c))
+    headings = heading_order(list(cells.group))
+    group_of = dict(zip(cells.column, cells.group, strict=True))
+
+    def key(c: str) -> tuple:
+        base = present[c].split(DEFENDED)[0]
+        return (headings.index(group_of[c]), known.get(base, len(known)), first[present[c]], c)
+
+    return sorted(present, key=key)
 
 
 def targeted_metric(cells: pd.DataFrame, metric: str) -> tuple[str, str]:
@@ -111,7 +134,7 @@ def paper_table(cells: pd.DataFrame, metric: str = "asr") -> pd.DataFrame:
         "order", kind="stable"
     )
     targets = target_order(cells)
-    groups = [g for g in (*TARGET_GROUPS, "other") if (cells.group == g).any()]
+    groups = heading_order(list(cells.group))
     rows = []
     for (source, label), part in cells.groupby(["source", "label"], sort=False):
         if part.column.duplicated().any():  # two cells, one label: never show one of them
@@ -123,25 +146,34 @@ def paper_table(cells: pd.DataFrame, metric: str = "asr") -> pd.DataFrame:
             )
         by_target = {r.column: r for r in part.itertuples()}
         row: dict[str, object] = {"source": source, "attack": label}
-        for t in targets:
-            row[t] = _cell(by_target.get(t), metric)
-        for g in groups:
-            values = [
-                getattr(r, metric)
-                for r in part.itertuples()
-                if r.group == g
-                and not r.white_box
-                and r.status == "ok"
-                and not math.isnan(getattr(r, metric))
-            ]
-            expected = [r for r in part.itertuples() if r.group == g and not r.white_box]
-            text = f"{sum(values) / len(values):.1f}" if values else "-"
-            if values and len(values) < len(expected):
-                text += f" ({len(values)}/{len(expected)})"  # an average over fewer targets
-            row[f"avg {GROUP_TITLES[g]}"] = text
+        group_of = dict(zip(cells.column, cells.group, strict=True))
+        # The plain targets and their averages, then each defense's columns and its average.
+        for block in _blocks(groups):
+            for t in (t for t in targets if group_of[t] in block):
+                row[t] = _cell(by_target.get(t), metric)
+            for g in block:
+                row[f"avg {group_title(g)}"] = _average(part, g, metric)
         row["run_dirs"] = ";".join(sorted(set(";".join(part.run_dirs).split(";"))))
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _blocks(groups: list[str]) -> list[list[str]]:
+    plain = [g for g in groups if not g.startswith(DEFENDED)]
+    return [plain, *([g] for g in groups if g.startswith(DEFENDED))]
+
+
+def _average(part: pd.DataFrame, group: str, metric: str) -> str:
+    """The mean over the black-box targets of `group` that have a number (`(k/m)` when only
+    k of its m targets do)."""
+    rows = [r for r in part.itertuples() if r.group == group and not r.white_box]
+    values = [
+        getattr(r, metric) for r in rows if r.status == "ok" and not math.isnan(getattr(r, metric))
+    ]
+    text = f"{sum(values) / len(values):.1f}" if values else "-"
+    if values and len(values) < len(rows):
+        text += f" ({len(values)}/{len(rows)})"  # an average over fewer targets
+    return text
 
 
 def _cell(r: object | None, metric: str) -> str:
@@ -160,7 +192,8 @@ NOTES = (
     "count, as in the paper). * white-box (source = target), left out of the averages. "
     "n/a: target weights not provided (checkpoint=). failed / incomplete: a run (or a shard of "
     "it) did not finish; see its run directory. `avg X (k/m)`: average over the k of m "
-    "black-box targets of group X that have a number."
+    "black-box targets of group X that have a number. `T+d`: target T under input defense d "
+    "(`avg +d`: its average over the black-box targets)."
 )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pandas as pd
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 LEFT = ("source", "attack", "target")  # text columns; everything else is right-aligned
 
@@ -49,9 +50,10 @@ def to_csv(frame: pd.DataFrame) -> bytes:
 
 
 def print_table(frame: pd.DataFrame, title: str, console: Console | None = None) -> None:
-    table = Table(title=title)
+    # Text, not markup: a label such as `mi [data.n=32 seed=0]` prints as it is.
+    table = Table(title=Text(title))
     for c in frame.columns:
-        table.add_column(str(c), justify="left" if c in LEFT else "right")
+        table.add_column(Text(str(c)), justify="left" if c in LEFT else "right")
     for values in _rows(frame):
-        table.add_row(*values)
+        table.add_row(*(Text(v) for v in values))
     (console or Console()).print(table)
