@@ -29,6 +29,7 @@ def register() -> None:
     """Store every declared group in Hydra's ConfigStore (once per process)."""
     from tgr_bench.attacks import ATTACKS
     from tgr_bench.data import DATA_KINDS
+    from tgr_bench.defenses.settings import defense_defaults
     from tgr_bench.models import ModelSpec
     from tgr_bench.settings import RunSettings
     from tgr_bench.variance.settings import VarianceSettings
@@ -41,6 +42,8 @@ def register() -> None:
         store.store(group="schema/data", name=kind, node=defaults(cls))
     for name, attack in ATTACKS.items():
         store.store(group="schema/attack", name=name, node=defaults(attack.Settings))
+    for name, settings in defense_defaults().items():
+        store.store(group="schema/defense", name=name, node=settings)
 
 
 def _hydra_job(cls: type) -> dict:

@@ -186,8 +186,9 @@ def _per_image(
 
 
 def column_of(key: str, defense: Defense | None) -> str:
-    """The results' target name: the catalogue key, `key+<defense>` through a defense."""
-    return key if defense is None else f"{key}+{defense.name}"
+    """The results' target name: the catalogue key, `key+<defense>` through a defense (with
+    its settings where they differ from the paper's: `key+jpeg[quality=50]`)."""
+    return key if defense is None else f"{key}+{defense.label()}"
 
 
 def _defense_columns(

@@ -14,6 +14,8 @@ from tgr_bench.attacks.base import TARGET_MODES
 from tgr_bench.attacks.modifiers import MODIFIERS
 from tgr_bench.catalogue import model_keys, model_spec
 from tgr_bench.config import choices, compose
+from tgr_bench.defenses import DEFENSES
+from tgr_bench.defenses.settings import defense_defaults
 from tgr_bench.entry import main_of
 
 PAPERS = {
@@ -38,7 +40,8 @@ def show() -> None:
     attacks = Table(title="attacks (attack=<name>)", show_lines=True)
     for col in ("attack", "reference", "defaults"):
         attacks.add_column(col)
-    sources = Table(title="models (source=<key>, targets=vits|cnns|defended|paper|smoke|none)")
+    groups = "|".join(choices("targets"))
+    sources = Table(title=f"models (source=<key>, targets={groups})")
     for col in ("key", "timm model and weights", "weights"):
         sources.add_column(col)
     for choice in choices("attack"):
@@ -68,6 +71,10 @@ def show() -> None:
         spec = model_spec(key)
         if not spec.pretrained:
             kind = "random (tests)"
+        elif spec.robustbench:
+            kind = f"RobustBench {spec.robustbench} (pip install \"tgr-bench[robust]\")"
+        elif spec.torchvision:
+            kind = f"torchvision {spec.torchvision} (pip install \"tgr-bench[torchvision]\")"
         elif spec.model is None:
             kind = f"converted TF-slim only: tf2torch_dir= ({spec.tfslim})"
         elif spec.tfslim:
@@ -78,6 +85,17 @@ def show() -> None:
     console.print(attacks)
     console.print(modifiers)
     console.print(sources)
+    console.print(_defenses())
+
+
+def _defenses() -> Table:
+    table = Table(title="defenses (defenses=[<name>,...]; settings: defense.<name>.<key>=value)")
+    for col in ("defense", "reference", "defaults"):
+        table.add_column(col)
+    for name, cls in DEFENSES.items():
+        defaults = " ".join(f"{k}={v}" for k, v in defense_defaults()[name].items())
+        table.add_row(name, getattr(cls, "reference", ""), defaults)
+    return table
 
 
 if __name__ == "__main__":

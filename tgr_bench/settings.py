@@ -16,6 +16,7 @@ from tgr_bench.defenses.settings import (
     load_defenses,
     parse_names,
     parse_settings,
+    unused_defense_settings,
 )
 from tgr_bench.errors import UserError
 from tgr_bench.schema import AUTO, key
@@ -99,6 +100,7 @@ class RunSettings(RuntimeSettings):
         # Every selected defense is built once here, so a bad setting or a missing NRP file
         # stops the run before anything is crafted.
         self.load_defenses()
+        unused_defense_settings(self.defenses, self.defense)
 
     def load_defenses(self) -> list[Any]:
         """The defenses of `defenses`, built with their `defense.<name>` settings."""

@@ -113,7 +113,7 @@ def test_smoothing_abstentions_count_as_wrong_and_are_reported():
     smoothing = load_defense("smoothing", n=8, alpha=0.001, batch=24)
     rows, _, predictions = _evaluate(spec, data, adv_set, [smoothing])
     row = rows[1]
-    part = predictions[predictions.target == "tiny_vit+smoothing"]
+    part = predictions[predictions.target == "tiny_vit+smoothing[n=8,batch=24]"]
     assert row["n_abstained"] == int((part.adv_pred == ABSTAIN).sum()) == 3
     assert row["n_clean_abstained"] == 3 and row["abstain_rate"] == 100.0
     assert row["n_fooled"] == 3 and row["n_clean_correct"] == 0  # abstaining is never correct
@@ -145,3 +145,16 @@ def test_nrp_wraps_any_target_from_the_users_file(make_cfg, tmp_path: Path):
         adv = model(nrp(adv_set.pixels.load([0, 1, 2]).float() / 255, keys)).argmax(1)
     part = predictions[predictions.target == "tiny_vit+nrp"]
     assert part.adv_pred.tolist() == adv.tolist() and rows[1]["defense"] == "nrp"
+
+
+def test_settings_other_than_the_papers_name_their_column_and_unused_ones_are_refused(make_cfg):
+    from tgr_bench.evaluate import column_of
+
+    assert column_of("vit_base", load_defense("jpeg")) == "vit_base+jpeg"
+    assert column_of("vit_base", load_defense("jpeg", quality=50)) == "vit_base+jpeg[quality=50]"
+    with pytest.raises(UserError, match=r"defense.jpeg.quality=50 has no effect: jpeg is not in"):
+        resolve(make_cfg("experiment=smoke", "defense.jpeg.quality=50"), keep=False)
+    spec = resolve(
+        make_cfg("experiment=smoke", "defenses=[jpeg]", "defense.jpeg.quality=50"), keep=False
+    )
+    assert [d.label() for d in spec.settings.load_defenses()] == ["jpeg[quality=50]"]

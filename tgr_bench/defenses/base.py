@@ -30,6 +30,20 @@ class Defense:
     def params(self) -> dict[str, Any]:
         raise NotImplementedError
 
+    def label(self) -> str:
+        """The name, with the settings that differ from the paper's in brackets
+        (`jpeg[quality=50]`): results under other settings never share a column."""
+        from tgr_bench.defenses.settings import defense_defaults
+
+        default = defense_defaults()[self.name]
+        # A weight file is the defense itself (NRP), recorded by its sha256, not a setting.
+        changed = [
+            f"{k}={getattr(self, k)}"
+            for k, v in default.items()
+            if k != "weights" and getattr(self, k) != v
+        ]
+        return self.name + (f"[{','.join(changed)}]" if changed else "")
+
 
 class InputDefense(Defense):
     """A transform of the stored pixels: `defense(x, keys=None) -> Tensor`, without gradient."""

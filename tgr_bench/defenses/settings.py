@@ -77,3 +77,20 @@ def load_defenses(names: Sequence[str], settings: Mapping[str, Mapping[str, Any]
     from tgr_bench.defenses import load_defense
 
     return [load_defense(n, **dict(settings.get(n, {}))) for n in names]
+
+
+def unused_defense_settings(
+    names: Sequence[str], settings: Mapping[str, Mapping[str, Any]]
+) -> None:
+    """A setting of a defense that `defenses` does not name would silently not apply."""
+    defaults = defense_defaults()
+    for defense, values in settings.items():
+        if defense in names:
+            continue
+        for key, value in values.items():
+            if value != defaults[defense].get(key):
+                raise UserError(
+                    f"defense.{defense}.{key}={value} has no effect: {defense} is not in "
+                    f"defenses={list(names)}. Add it (defenses=[...,{defense}]), or leave "
+                    f"defense.{defense}.{key} at its default ({defaults[defense].get(key)})."
+                )
