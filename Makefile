@@ -20,7 +20,7 @@ SWEEP = $(BIN)/tgr-bench -m data.root=$(DATA) $(if $(TF2TORCH),tf2torch_dir=$(TF
 REPORT = $(BIN)/tgr-bench-report
 
 .PHONY: help install smoke test test-fast lint clean paper-runs table1 table2 table3 ablation-k \
-	ablation-components cnn-source tricks
+	ablation-components cnn-source tricks successors defenses
 
 help:  ## list the targets
 	@echo "tgr-bench make targets (venv: $(VENV); paper data: DATA=$(DATA))"
@@ -87,6 +87,17 @@ cnn-source: $(STAMP)  ## GPU+data+TF2TORCH: MI, SGM, TGR from CNN sources (TF-sl
 tricks: $(STAMP)  ## GPU+data: MI, PNA, TGR on vit_base, alone, +DI, +TI, +DI+TI, all targets -> results/tricks/ (~1 h)
 	$(SWEEP) source=vit_base attack=mi,pna,tgr attack.di.enabled=false,true attack.ti.enabled=false,true targets=paper hydra.sweep.dir=$(RUNS)/tricks
 	$(REPORT) $(RUNS)/tricks --out results/tricks
+
+SUCCESSORS ?= mi,tgr,att,gns,vdc,fpr,ll2s
+DEFENSES ?= [jpeg,bit_depth,median,rp,pd]
+
+successors: $(STAMP)  ## GPU+data: MI, TGR, ATT, GNS-HFA, VDC, FPR, LL2S from vit_base on the paper's targets, one table -> results/successors/
+	$(SWEEP) source=vit_base attack=$(SUCCESSORS) targets=paper hydra.sweep.dir=$(RUNS)/successors
+	$(REPORT) $(RUNS)/successors --out results/successors
+
+defenses: $(STAMP)  ## GPU+data: the same attacks from vit_base on targets=transferattack, each input defense -> results/defenses/
+	$(SWEEP) source=vit_base attack=$(SUCCESSORS) targets=transferattack 'defenses=$(DEFENSES)' hydra.sweep.dir=$(RUNS)/defenses
+	$(REPORT) $(RUNS)/defenses --out results/defenses
 
 clean:  ## remove run outputs (not .venv, not results/)
 	rm -rf outputs multirun build dist *.egg-info

@@ -203,6 +203,8 @@ def test_make_targets_run_the_documented_commands():
             "cnn-source",
             "table4",
             "tricks",
+            "successors",
+            "defenses",
             "DATA=/d",
             "TF2TORCH=/w",
             "STAMP=/dev/null",
@@ -220,8 +222,32 @@ def test_make_targets_run_the_documented_commands():
     assert "tf2torch_dir=/w" in out and "source=res_v2_101,res_50 attack=mi,sgm,tgr" in out
     assert "tgr-bench-variance source=vit_base 'attacks=[mi,vmi,tgr,tgr_nozero]'" in out
     assert "attack=mi,pna,tgr attack.di.enabled=false,true attack.ti.enabled=false,true" in out
+    assert "source=vit_base attack=mi,tgr,att,gns,vdc,fpr,ll2s targets=paper" in out
+    assert "targets=transferattack 'defenses=[jpeg,bit_depth,median,rp,pd]'" in out
     help_ = subprocess.run(["make", "help"], cwd=ROOT, capture_output=True, text=True).stdout
     assert "GPU+data" in help_ and "table1" in help_ and "ablation-k" in help_
+
+
+@pytest.mark.parametrize("attack", ["mi", "tgr", "att", "gns", "vdc", "fpr", "ll2s"])
+def test_the_successors_and_defenses_targets_resolve_on_vit_base(make_cfg, attack: str):
+    from tgr_bench.plan import resolve
+
+    cfg = make_cfg(
+        "source=vit_base",
+        f"attack={attack}",
+        "targets=transferattack",
+        "defenses=[jpeg,bit_depth,median,rp,pd]",
+        "data.root=/d",
+    )
+    spec = resolve(cfg, keep=False)
+    assert spec.attack.name == attack and len(spec.targets) == 8
+    assert [d.label() for d in spec.settings.load_defenses()] == [
+        "jpeg",
+        "bit_depth",
+        "median",
+        "rp",
+        "pd",
+    ]
 
 
 def _paper_like_archive(path: Path, n: int, size: int = 224) -> None:
