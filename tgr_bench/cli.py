@@ -29,7 +29,7 @@ from tgr_bench.schema import closest, keys_of, runtime_keys, unknown_key
 from tgr_bench.settings import RunSettings
 
 PROG = "tgr-bench"
-USAGE = """tgr-bench: transfer attacks on vision transformers (TGR, CVPR 2023, and its baselines).
+USAGE = """tgr-bench: transfer attacks on vision transformers (TGR, CVPR 2023, and since).
 
 Usage:
   tgr-bench experiment=smoke                                   # offline smoke run (CPU)
@@ -38,6 +38,7 @@ Usage:
   tgr-bench -m attack=tgr attack.k=1,2,4,8 source=vit_base data.root=...   # a sweep
   tgr-bench adv_dir=/path/to/pngs data.root=/data/tgr1000 targets=cnns      # evaluate a folder
   tgr-bench ... targets=paper tf2torch_dir=/data/tf2torch      # the paper's TF-slim CNN weights
+  tgr-bench ... 'defenses=[jpeg,rp]' defense.jpeg.quality=50   # columns T+<defense> (conf/defense/)
   tgr-bench-list       # attacks with every key, its default and meaning; model keys
   tgr-bench-report multirun/<sweep> --out results/mytable     # paper-style tables
 Attacks take budgets in 0-255 pixel levels (attack.eps=16). More: README.md and docs/."""

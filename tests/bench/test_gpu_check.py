@@ -41,13 +41,15 @@ def test_quick_check_writes_every_section(tmp_path: Path):
     assert data["evaluation"]["test_pit"]["fused_attention"] is True  # targets keep the kernel
     assert data["paper_workload"]["images"] == 1000
     assert set(data["modifiers"]) == {"mi_di_ti", "tgr_di_ti"}
+    assert set(data["successors"]) == {"att", "gns", "vdc", "fpr", "ll2s"}
+    assert all(r["over_mi"] > 0 for r in data["successors"].values())
     assert all(r["over_mi"] > 0 and r["images_per_s"] > 0 for r in data["modifiers"].values())
     for attack in ("tgr", "mi"):
         assert data["determinism"][attack]["identical"] is True
         assert data["determinism"][attack]["images"] == 2
     md = (out / "gpu_check.md").read_text()
     headings = ("## Crafting", "## TGR per source family", "## Evaluation", "## Determinism")
-    for heading in (*headings, "## Transfer modifiers"):
+    for heading in (*headings, "## Transfer modifiers", "## The attacks after TGR"):
         assert heading in md
 
 

@@ -44,6 +44,7 @@ from tgr_bench.settings import AUTO_BATCH, AUTO_EVAL_BATCH, Runtime
 
 ATTACKS = ("mi", "vmi", "sgm", "pna", "tgr", "tgr_patchout")
 MODIFIED = ("mi_di_ti", "tgr_di_ti")  # the transfer modifiers' cost, fp32 only (after the rest)
+SUCCESSORS = ("att", "gns", "vdc", "fpr", "ll2s")  # the attacks after TGR: cost over MI, fp32
 PRECISIONS = ("fp32", "tf32", "bf16")
 FAMILIES = ("vit", "deit", "pit", "cait", "visformer")
 GOALS = {
@@ -66,6 +67,8 @@ class Profile:
     eval_images: int
     determinism_images: int
     vmi_samples: int | None = None  # None: the attack's default (20)
+    # Per attack, settings that fit the tiny sources (the released block lists, sample counts).
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def main(self) -> str:
@@ -104,6 +107,11 @@ QUICK = Profile(
     eval_images=8,
     determinism_images=2,
     vmi_samples=2,
+    overrides={
+        "gns": {"hfa": {"n": 2}},
+        "fpr": {"attn_blocks": ["blocks.0"]},
+        "ll2s": {"num_scale": 2, "num_robust_tokens": 8},
+    },
 )
 PAPER_STEPS = 10  # images/s are reported for the paper's 10-step attacks
 
@@ -162,6 +170,7 @@ def craft_case(
     overrides: dict[str, Any] = {"steps": profile.steps}
     if attack_name == "vmi" and profile.vmi_samples:
         overrides["n_samples"] = profile.vmi_samples
+    overrides |= profile.overrides.get(attack_name, {})
     attack = build_attack({**preset(attack_name), **overrides}, source_family(spec.arch))
 
     def measure(b: int) -> list[float]:
@@ -400,6 +409,7 @@ def run_check(profile: Profile, device: torch.device, out: Path, budget: float) 
         data["determinism"] = determinism(profile, device, ("tgr", "mi"))
         check.report.save()
     _evaluation(check)
+    _cost_over_mi(check, SUCCESSORS, "successors")
     for precision in PRECISIONS[1:]:
         _craft_precision(check, precision)
     _cost_over_mi(check, MODIFIED, "modifiers")
@@ -539,6 +549,7 @@ def markdown(d: dict[str, Any]) -> str:
         *_crafting_section(d),
         *_families_section(d),
         *_evaluation_section(d),
+        *_cost_section(d, "successors", "The attacks after TGR"),
         *_cost_section(d, "modifiers", "Transfer modifiers"),
         *_determinism_section(d),
         *_goals_section(d),
