@@ -254,21 +254,7 @@ def resolve_weights(spec: ModelSpec, tf2torch_dir: str | None = None) -> WeightF
     """Find (or download) the weight file for `spec` without building the model. A model's own
     `checkpoint=` wins over `tf2torch_dir`; its format is read from its content."""
     if spec.checkpoint is not None:
-        path = Path(spec.checkpoint).expanduser()
-        if not path.is_file():
-            raise UserError(
-                f"Checkpoint for {spec.key!r} not found: {path}. Pass an existing .pth/.pt or "
-                f".safetensors file with checkpoint=<file>."
-            )
-        if is_tf2torch_file(path):
-            return _tf2torch_weights(path, spec)
-        if spec.model is None:
-            raise UserError(
-                f"{path} is not a converted TF-slim weight file, which {spec.key!r} needs (a "
-                f"{TFSLIM_FILES[str(spec.tfslim)].released_name} from {TF2TORCH_SOURCE}, or its "
-                f"conversion by `tgr-bench-prepare convert-tf2torch`)."
-            )
-        return WeightFile("checkpoint", str(path.resolve()), sha256_file(path))
+        return _checkpoint_weights(spec)
     if spec.robustbench is not None or spec.torchvision is not None:
         return _extra_weights(spec)
     if tf2torch_dir and spec.tfslim is not None:
@@ -283,7 +269,29 @@ def resolve_weights(spec: ModelSpec, tf2torch_dir: str | None = None) -> WeightF
             f"Pass the folder that holds them with tf2torch_dir=<folder>, or the file with "
             f"targets.{spec.key}.checkpoint=<file> (source.checkpoint=<file> for a source)."
         )
+    return _hub_weights(spec)
 
+
+def _checkpoint_weights(spec: ModelSpec) -> WeightFile:
+    path = Path(str(spec.checkpoint)).expanduser()
+    if not path.is_file():
+        raise UserError(
+            f"Checkpoint for {spec.key!r} not found: {path}. Pass an existing .pth/.pt or "
+            f".safetensors file with checkpoint=<file>."
+        )
+    if is_tf2torch_file(path):
+        return _tf2torch_weights(path, spec)
+    if spec.model is None:
+        raise UserError(
+            f"{path} is not a converted TF-slim weight file, which {spec.key!r} needs (a "
+            f"{TFSLIM_FILES[str(spec.tfslim)].released_name} from {TF2TORCH_SOURCE}, or its "
+            f"conversion by `tgr-bench-prepare convert-tf2torch`)."
+        )
+    return WeightFile("checkpoint", str(path.resolve()), sha256_file(path))
+
+
+def _hub_weights(spec: ModelSpec) -> WeightFile:
+    """The tag's file from the Hugging Face cache, downloaded into it when the hub is reachable."""
     cfg = pretrained_cfg(spec)
     hub_id = cfg.get("hf_hub_id")
     if not hub_id:
