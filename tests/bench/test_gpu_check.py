@@ -1,5 +1,5 @@
 """The GPU check's --quick mode: the same code paths as on a GPU, tiny models on the CPU, run
-through the shell script a GPU session runs, so neither can rot unnoticed."""
+through the shell script a GPU machine runs, so neither can rot unnoticed."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """TF-slim networks for the converted weight files: structure, padding, loading, safety.
 
-One full-size random weight file per architecture family is written once per session (in the
-exact .npy layout of the converted files); the networks are built from those files and run on
-CPU. Numbers checked against TF-slim's definitions are derived by hand in the comments.
+Full-size random weights per architecture family, in the converted files' layout (two of them
+written as .npy files once per test session, to test the file format); the networks are built
+from them and run on CPU. Numbers checked against TF-slim's definitions are derived by hand in the comments.
 """
 
 from __future__ import annotations
