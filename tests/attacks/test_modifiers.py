@@ -328,6 +328,44 @@ def test_same_seed_same_pngs_other_seed_other_pngs():
     assert not torch.equal(a, pngs(attack, model, x, y, [3, 4], [0, 1]))
 
 
+def test_admix_copies_in_each_space_by_hand():
+    """One pixel, one channel at 0.6, partner 0.1, eta 0.5, m1 = 2, model mean 0.5.
+    pixels: (0.6 + 0.5 * 0.1) / 2^i = 0.65, 0.325 (toward black).
+    model:  0.5 + ((0.6 - 0.5) + 0.5 * (0.1 - 0.5)) / 2^i = 0.5 - 0.1 / 2^i = 0.4, 0.45 (toward
+    the mean; in (p - 0.5) / 0.5, i.e. the original's [-1, 1]: -0.2, -0.1)."""
+    x = torch.full((1, 3, 1, 1), 0.6)
+    partners = torch.full((1, 1, 3, 1, 1), 0.1)
+    mean = torch.tensor([0.5, 0.25, 0.0])
+    pixels = Admix(m1=2, m2=1, eta=0.5).copies(x, partners, mean)
+    assert torch.allclose(pixels[0, :, 0].flatten(), torch.tensor([0.65, 0.325]))
+    assert torch.equal(pixels, Admix(m1=2, m2=1, eta=0.5).copies(x, partners))  # mean unused
+    model = Admix(m1=2, m2=1, eta=0.5, space="model").copies(x, partners, mean)
+    assert model.shape == (1, 2, 3, 1, 1)
+    assert torch.allclose(model[0, :, 0].flatten(), torch.tensor([0.4, 0.45]))
+    # Channel with mean 0.25: 0.25 + (0.35 - 0.075) / 2^i; mean 0: the pixel space.
+    assert torch.allclose(model[0, :, 1].flatten(), torch.tensor([0.525, 0.3875]))
+    assert torch.allclose(model[0, :, 2], pixels[0, :, 2])
+    # In the model's normalized input z = (p - mean) / std the copies are (z + eta z') / 2^i.
+    std = torch.tensor([0.5, 0.2, 0.3]).view(1, 1, 3, 1, 1)
+    m = mean.view(1, 1, 3, 1, 1)
+    z, zp = (x.unsqueeze(1) - m) / std, (partners - m) / std
+    halves = torch.tensor([1.0, 0.5]).view(1, 2, 1, 1, 1)
+    assert torch.allclose((model - m) / std, (z + 0.5 * zp) * halves, atol=1e-6)
+    with pytest.raises(ValueError, match="mean"):
+        Admix(space="model").copies(x, partners)
+
+
+def test_admix_space_in_params_only_when_not_the_default():
+    plain = on("mi", "admix").params()
+    assert "admix_space" not in plain and plain["admix_eta"] == 0.2
+    assert on("mi", "admix", admix={"space": "pixels"}).params() == plain
+    assert on("mi", "admix", admix={"space": "model"}).params() == {**plain, "admix_space": "model"}
+    with pytest.raises(UserError, match="attack.admix.space"):
+        build_attack({"name": "mi", "admix": {"enabled": False, "space": "model"}})
+    with pytest.raises(UserError, match="space"):
+        build_attack({"name": "mi", "admix": {"enabled": True, "space": "tf"}})
+
+
 # ---- labels, parameters, refusals ---------------------------------------------------------------
 def test_labels_name_every_active_modifier_in_a_fixed_order():
     assert on("tgr", "ti", "di", patchout={"enabled": True}).label == "tgr_patchout_di_ti"

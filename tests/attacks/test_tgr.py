@@ -15,7 +15,9 @@ from tgr_bench.attacks import build_attack
 from tgr_bench.attacks.architectures import (
     HEADS_PER_KEY,
     KEYS,
+    OUTPUT,
     ROWCOL,
+    SCALE,
     SPATIAL,
     TOKENS,
     bind_sites,
@@ -204,7 +206,12 @@ def test_bad_tgr_parameters(params, match):
 
 def test_k_larger_than_tokens_fails_before_any_work(make_cfg, tmp_path: Path):
     cfg = make_cfg(
-        "experiment=smoke", "attack=tgr", "source=test_deit", "attack.k=40", "targets=none"
+        "experiment=smoke",
+        "attack=tgr",
+        "source=test_deit",
+        "attack.variant=clean",  # `official` only scales on DeiT: any k fits there
+        "attack.k=40",
+        "targets=none",
     )
     out = tmp_path / "out"
     with pytest.raises(UserError, match="attack.k=40 is larger than the 18 positions"):
@@ -219,10 +226,10 @@ def test_gradient_at_every_site_is_the_spec_transform(family, k):
     model = tiny(family)
     x, y = batch(2)
     attack = make("tgr", family, k=k, variant="official")
-    sites = bind_sites(model.net, family_of(model.net), "official")
     log: dict = {}
     handles = []
     with attack.source_context(model):
+        sites = attack._sites  # the rules as bound: on DeiT, `official` only scales
         for b in sites:
             h = capture(b, log)
             handles += h if isinstance(h, list) else [h]
@@ -240,6 +247,60 @@ def test_gradient_at_every_site_is_the_spec_transform(family, k):
             (got - want).abs().max(),
         )
         assert (got[want == 0] == 0).all(), b.name  # the zeroed entries are exactly zero
+
+
+# ---- 5b. DeiT: the released code hooks it, but zeroes nothing there ---------------------------
+def site_gradients(variant: str) -> tuple:
+    """The bound sites of TGR on the tiny DeiT, and the gradients arriving at and leaving each."""
+    model = tiny("deit")
+    x, y = batch(2)
+    attack = make("tgr", "deit", variant=variant)
+    log: dict = {}
+    handles = []
+    with attack.source_context(model):
+        for b in attack._sites:
+            h = capture(b, log)
+            handles += h if isinstance(h, list) else [h]
+        grad_of(attack, model, x, y)
+        stats = attack.stats()
+    for h in handles:
+        h.remove()
+    return attack._sites, log, attack, stats
+
+
+def test_deit_official_only_scales_and_clean_zeroes():
+    """methods.py hooks DeiT (line 224) but its zeroing branches name only ViT, PiT, CaiT and
+    Visformer (lines 110, 177, 201): on DeiT, `official` is gamma * G exactly, no zeros."""
+    sites, log, attack, stats = site_gradients("official")
+    assert {b.site.rule for b in sites} == {SCALE} and len(sites) == 6  # 2 blocks x 3
+    assert stats["tgr_scale_only"] is True
+    for b in sites:
+        got, arrive = log[b.name]["reach"], log[b.name]["arrive"]
+        want = arrive * attack.gamma[b.site.component]
+        assert torch.equal(got != 0, arrive != 0), b.name  # nothing zeroed
+        if b.site.where == OUTPUT:  # qkv, mlp: the very gradient that arrived, times gamma
+            assert torch.equal(got, want), b.name
+        else:  # attn: the arriving gradient at the scores is recomputed by `capture`
+            scale = arrive.abs().max()
+            assert torch.allclose(got, want, rtol=1e-5, atol=1e-6 * scale), b.name
+    sites, log, attack, stats = site_gradients("clean")
+    assert [b.site.rule for b in sites] == [ROWCOL, TOKENS, TOKENS] * 2
+    assert "tgr_scale_only" not in stats
+    for b in sites:
+        got, arrive = log[b.name]["reach"], log[b.name]["arrive"]
+        want = naive(arrive, b.site.rule, attack.gamma[b.site.component], 1)
+        scale = arrive.abs().max()
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-5 * scale), b.name
+        assert (got[want == 0] == 0).all() and (want == 0).any(), b.name
+
+
+def test_official_zeroes_on_vit_as_before():
+    """A plain ViT (and PiT, CaiT, Visformer) keeps the zeroing rules under `official`."""
+    model = tiny("vit")
+    attack = make("tgr", "vit", variant="official")
+    with attack.source_context(model):
+        rules = [b.site.rule for b in attack._sites]
+    assert rules == [ROWCOL, TOKENS, TOKENS] * 2 and "tgr_scale_only" not in attack.stats()
 
 
 # ---- 6. CaiT's class-attention blocks, both variants -------------------------------------------
@@ -320,7 +381,7 @@ def test_cli_overrides_and_k_sweep(tgr, tmp_path: Path):
         "attack.steps=2",
         "attack.k=1,2",
         "attack.components=[attn,qkv]",
-        "attack.gamma.mlp=0.25",
+        "attack.gamma.qkv=0.5",
         f"hydra.sweep.dir={sweep}",
     )
     assert r.returncode == 0, r.stderr
@@ -328,7 +389,7 @@ def test_cli_overrides_and_k_sweep(tgr, tmp_path: Path):
     assert len(runs) == 2
     params = [pd.read_csv(p / "results.csv").params.iloc[0] for p in runs]
     assert [("k=1" in p, "k=2" in p) for p in params] == [(True, False), (False, True)]
-    assert all("components=attn+qkv" in p and "gamma_mlp=0.25" in p for p in params)
+    assert all("components=attn+qkv" in p and "gamma_qkv=0.5" in p for p in params)
     fired = json.loads((runs[0] / "run.json").read_text())["crafting"]["hooks"]["tgr_fired"]
     assert set(fired) == {"attn", "qkv"} and min(fired.values()) > 0
 

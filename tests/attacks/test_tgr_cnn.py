@@ -36,6 +36,15 @@ TINY_CNN = {  # tiny random-weight residual CNNs, one per timm family and unit t
         "resnetv2_18",
         dict(layers=[1, 1, 1, 1], channels=(8, 16, 24, 32), stem_chs=8),
     ),
+    # Two units per stage: SGM leaves each stage's first unit alone, so it needs a second.
+    "resnetv2_two": (
+        "resnetv2_50",
+        dict(layers=[2, 2, 2, 2], channels=(16, 32, 48, 64), stem_chs=16),
+    ),
+    "resnetv2_basic_two": (
+        "resnetv2_18",
+        dict(layers=[2, 2, 2, 2], channels=(8, 16, 24, 32), stem_chs=8),
+    ),
 }
 
 
@@ -303,24 +312,24 @@ def test_timm_cnn_loop_and_hooks_never_sync():
     model = tiny_cnn("resnetv2")
     x, y = batch(2)
     attacks = [
-        make("tgr", "resnetv2", steps=2),
-        make("tgr", "resnetv2", steps=2, variant="official"),
-        make("sgm", "resnetv2", steps=2),
+        (make("tgr", "resnetv2", steps=2), model),
+        (make("tgr", "resnetv2", steps=2, variant="official"), model),
+        (make("sgm", "resnetv2", steps=2), tiny_cnn("resnetv2_two")),
     ]
-    for attack in attacks:
-        with attack.source_context(model), forbid_host_sync() as calls:
-            attack.perturb(model, x, y, [1, 2])
+    for attack, net in attacks:
+        with attack.source_context(net), forbid_host_sync() as calls:
+            attack.perturb(net, x, y, [1, 2])
         assert calls == [], attack.name
 
 
-def test_sgm_on_resnet_v2_sources_scales_every_unit(tf_net):
-    for kind, last in (("resnetv2", "conv3"), ("resnetv2_basic", "conv2")):
+def test_sgm_on_resnet_v2_sources_scales_every_unit_but_each_stages_first(tf_net):
+    for kind, last in (("resnetv2_two", "conv3"), ("resnetv2_basic_two", "conv2")):
         net = tiny_cnn(kind).net
         sites = bind_sites(net, family_of(net, "branches"), table="branches")
-        blocks = [blk for stage in net.stages for blk in stage.blocks]
+        blocks = [stage.blocks[1] for stage in net.stages]  # the first unit has the projection
         assert [b.module for b in sites] == [getattr(blk, last) for blk in blocks]
         assert all(b.name.endswith(f".{last}") for b in sites)
-    model = tiny_cnn("resnetv2")
+    model = tiny_cnn("resnetv2_two")
     x, y = batch(2)
     attack = make("sgm", "resnetv2")
     with attack.source_context(model):
@@ -328,7 +337,7 @@ def test_sgm_on_resnet_v2_sources_scales_every_unit(tf_net):
     assert attack.fired["branch"] == 4
     assert (g - grad_of(make("mi"), model, x, y)).abs().max() > 1e-3 * g.abs().max()
     tf_sites = bind_sites(tf_net, family_of(tf_net, "branches"), table="branches")
-    assert len(tf_sites) == 16 and all(b.name.endswith(".conv3") for b in tf_sites)
+    assert len(tf_sites) == 16 - 4 and all(b.name.endswith(".conv3") for b in tf_sites)
 
 
 # ---- 4. full-size layouts ------------------------------------------------------------------------
@@ -355,7 +364,8 @@ def test_full_size_cnns_bind_every_unit(name: str, family: str, units: int):
     for variant in ("clean", "official"):
         bound = bind_sites(net, family_of(net), variant)
         assert len(bound) == units and all(b.name.endswith(".conv1") for b in bound)
-    assert len(bind_sites(net, family_of(net, "branches"), table="branches")) == units
+    # SGM: every unit but the first of each of the four stages.
+    assert len(bind_sites(net, family_of(net, "branches"), table="branches")) == units - 4
 
 
 # ---- 5. auto, params() and the run identity ------------------------------------------------------

@@ -264,7 +264,7 @@ def test_console_script_writes_every_file(tgr, tmp_path: Path):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["attacks=[mi,nosuch]"], "Unknown attack(s) ['nosuch'] in attacks=; available: mi,"),
+        (["attacks=[mi,nosuch]"], "Unknown attack(s) ['nosuch'] in attacks=; available: "),
         (["source=test_convnext"], "No block table for the source test_convnext"),
     ],
 )

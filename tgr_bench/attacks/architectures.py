@@ -9,7 +9,8 @@ For every supported family, two tables of sites:
   CNNs have one component, `conv`: the input of each unit's first branch conv, spatial
   positions as tokens (the paper's CNN adaptation).
 - `branches`: the output of every residual branch (attention after proj, MLP; a ResNet unit's
-  last BN or conv), where SGM scales the gradient.
+  last BN or conv), where SGM scales the gradient; on residual CNNs not in the first unit of a
+  stage, as the original SGM code.
 Each family also says which timm modules and TF-slim architectures build it, so that a run can
 know its source's family from the model name alone, before any network exists (`source_family`),
 and what `attack.variant=auto` means on it.
@@ -63,6 +64,7 @@ class BlockGroup:
     sites: tuple[Site, ...]
     variants: tuple[str, ...] = ("official", "clean")
     indices: tuple[int, ...] | None = None  # only these block indices (None: all)
+    skip: tuple[int, ...] = ()  # block indices left out (SGM: each residual stage's first unit)
     needs: str | None = None  # skip blocks where this attribute is None (Visformer w/o attention)
 
 
@@ -82,6 +84,10 @@ class Family:
     # the paper's tables (only CaiT has variant-dependent rows). CNNs: `clean`, since the
     # released CNN code (scale only, from a model-name mismatch) is not the paper's method.
     auto_variant: str = "official"
+    # timm modules of this family on whose models TGR's `official` variant only scales (rule
+    # SCALE at every site): the released code hooks DeiT like ViT, but its zeroing branches name
+    # only ViT, PiT, CaiT and Visformer (jpzhang1810/TGR methods.py, lines 110, 177, 201, 224).
+    scale_only_official: tuple[str, ...] = ()
     label: str = ""  # how messages show the family's classes; default: the class names
 
     @property
@@ -130,7 +136,9 @@ TRANSFORMER_BRANCHES = (
     Site("attn", "attn", OUTPUT, BRANCH, optional=True),
     Site("mlp", "mlp", OUTPUT, BRANCH),
 )
-# A ResNet unit's branch ends at its last BN (or its SE gate, when it has one).
+# A ResNet unit's branch ends at its last BN (or its SE gate, when it has one). The original SGM
+# code leaves out the first unit of every stage (csdongxian/skip-connections-matter utils_sgm.py
+# line 28: no hook on a `0.relu`), the unit whose shortcut is a projection: `skip=(0,)`.
 RESNET_BRANCH = (Site("branch", "se|bn3|bn2", OUTPUT, BRANCH),)
 # Pre-activation units end at their last conv (timm PreActBottleneck conv3, PreActBasic conv2;
 # TF-slim BottleneckV2 conv3), added to the shortcut with nothing in between. timm's
@@ -167,6 +175,7 @@ FAMILIES: tuple[Family, ...] = (
         branches=(BlockGroup("blocks", TRANSFORMER_BRANCHES),),
         # DeiT (distilled or not) and the hybrid ViTs are VisionTransformer subclasses.
         timm_modules=("vision_transformer", "deit", "vision_transformer_hybrid"),
+        scale_only_official=("deit",),
     ),
     Family(
         "pit",
@@ -203,7 +212,7 @@ FAMILIES: tuple[Family, ...] = (
         "resnet",
         ("timm.models.resnet.ResNet",),
         tgr=_conv_groups(*RESNET_LAYERS),
-        branches=tuple(BlockGroup(path, RESNET_BRANCH) for path in RESNET_LAYERS),
+        branches=tuple(BlockGroup(path, RESNET_BRANCH, skip=(0,)) for path in RESNET_LAYERS),
         timm_modules=("resnet",),
         auto_variant="clean",
         label="timm ResNet: resnet*, resnext*, seresnet*, test_resnet",
@@ -212,7 +221,7 @@ FAMILIES: tuple[Family, ...] = (
         "resnetv2",
         ("timm.models.resnetv2.ResNetV2",),
         tgr=_conv_groups("stages.*.blocks"),
-        branches=(BlockGroup("stages.*.blocks", PREACT_BRANCH),),
+        branches=(BlockGroup("stages.*.blocks", PREACT_BRANCH, skip=(0,)),),
         timm_modules=("resnetv2",),
         auto_variant="clean",
         label="timm ResNetV2: resnetv2_*",
@@ -221,7 +230,7 @@ FAMILIES: tuple[Family, ...] = (
         "tf_resnet_v2",
         ("tgr_bench.tfslim.resnet_v2.ResNetV2",),
         tgr=_conv_groups("blocks.*"),
-        branches=(BlockGroup("blocks.*", PREACT_BRANCH),),
+        branches=(BlockGroup("blocks.*", PREACT_BRANCH, skip=(0,)),),
         tfslim=("resnet_v2_50", "resnet_v2_101", "resnet_v2_152"),
         auto_variant="clean",
         label="TF-slim ResNetV2: res_v2_50/101/152",
@@ -309,6 +318,17 @@ def source_family(model: str) -> str | None:
     return None
 
 
+def scales_only(net: nn.Module, family: Family, variant: str) -> bool:
+    """Whether TGR's `variant` only scales on `net` (DeiT under `official`): known from the timm
+    architecture the network was created as, or, without one, from the module of its class."""
+    if variant != "official" or not family.scale_only_official:
+        return False
+    arch = (getattr(net, "pretrained_cfg", None) or {}).get("architecture")
+    if arch:
+        return bool(timm.models.is_model_in_modules(arch, family.scale_only_official))
+    return type(net).__module__.rpartition(".")[2] in family.scale_only_official
+
+
 def _resolve(block: nn.Module, path: str) -> tuple[str, nn.Module | None]:
     """(the alternative of `path` that exists, its module); (path, None) when none does."""
     for alternative in path.split("|"):
@@ -365,7 +385,7 @@ def bind_sites(
             continue
         for where, container in containers(net, group.path):
             for i, block in enumerate(container.children()):
-                if group.indices is not None and i not in group.indices:
+                if (group.indices is not None and i not in group.indices) or i in group.skip:
                     continue
                 if group.needs and getattr(block, group.needs, None) is None:
                     continue

@@ -170,7 +170,7 @@ class MIFGSM:
                 raise UserError("attack.admix needs the data set's images (use_pool and ids).")
             index = self.admix.partner_index(ids, [mix(k, step) for k in keys], len(self.pool))
             partners = self.pool.load(index, x.device).view(b, self.admix.m2, *x.shape[1:])
-            stacked = self.admix.copies(x, partners)
+            stacked = self.admix.copies(x, partners, getattr(model, "mean", 0.5))
         else:
             stacked = x.unsqueeze(1)
         flat = stacked.reshape(b * c, *x.shape[1:])

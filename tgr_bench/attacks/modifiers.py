@@ -196,15 +196,29 @@ class Admix:
     """Admix (Wang et al., ICCV 2021): the gradient is the mean over j = 1..m2 and i = 0..m1-1
     of the gradients at (x + delta + eta * x'_j) / 2^i, each x'_j drawn uniformly, per image and
     iteration, from the OTHER clean images of the whole data set as listed before data.limit and
-    sharding (not from the batch: merged shards equal the unsharded run)."""
+    sharding (not from the batch: merged shards equal the unsharded run). `space=pixels` mixes
+    and scales the [0,1] pixels (TransferAttack admix.py), toward black; `space=model` the
+    model's normalized input, toward the mean, as the original code did with inputs in [-1, 1]
+    (JHL-HUST/Admix mi_admix.py)."""
 
     enabled: bool = key(False)
     m1: int = key(5, low=1, help="scales")
     m2: int = key(3, low=1, help="partners x'_j, drawn from the other images of the data set")
     eta: float = key(0.2, low=0, high=1, help="the mixing weight")
+    space: str = key(
+        "pixels",
+        options=SCALE_SPACES,
+        help="pixels: mix and scale [0,1] pixels | model: the model's normalized input",
+    )
 
     def params(self) -> dict[str, Any]:
-        return {"admix_m1": self.m1, "admix_m2": self.m2, "admix_eta": float(self.eta)}
+        return {
+            "admix_m1": self.m1,
+            "admix_m2": self.m2,
+            "admix_eta": float(self.eta),
+            # Shown only when not the default, so that earlier run ids stay valid.
+            **({"admix_space": self.space} if self.space != "pixels" else {}),
+        }
 
     def partner_index(self, own: Sequence[int], keys: Sequence[int], pool_size: int) -> list[int]:
         """m2 indices per image into the pool, never the image itself (pool order: the data
@@ -218,11 +232,21 @@ class Admix:
                 out.append(r + (r >= i))
         return out
 
-    def copies(self, x: torch.Tensor, partners: torch.Tensor) -> torch.Tensor:
-        """(B, m2 * m1, 3, H, W) from x (B,3,H,W) and partners (B, m2, 3, H, W) in [0,1]."""
-        mixed = x.unsqueeze(1) + self.eta * partners  # (B, m2, ...)
+    def copies(
+        self, x: torch.Tensor, partners: torch.Tensor, mean: torch.Tensor | float | None = None
+    ) -> torch.Tensor:
+        """(B, m2 * m1, 3, H, W) from x (B,3,H,W) and partners (B, m2, 3, H, W) in [0,1]: copy
+        (j, i) is (x + eta x'_j) / 2^i (pixels) or mean + ((x - mean) + eta (x'_j - mean)) / 2^i
+        (model: the same in (p - mean) / std, whose std cancels), with the model's `mean`."""
         scales = halvings(self.m1, x).view(1, 1, -1, 1, 1, 1)
-        return (mixed.unsqueeze(2) * scales).flatten(1, 2)
+        if self.space == "pixels":
+            mixed = x.unsqueeze(1) + self.eta * partners  # (B, m2, ...)
+            return (mixed.unsqueeze(2) * scales).flatten(1, 2)
+        if mean is None:
+            raise ValueError("Admix with space=model needs the model's mean")
+        center = mean if isinstance(mean, float) else mean.view(1, 1, -1, 1, 1)
+        mixed = (x.unsqueeze(1) - center) + self.eta * (partners - center)  # (B, m2, ...)
+        return center + (mixed.unsqueeze(2) * scales).flatten(1, 2)
 
 
 @dataclass

@@ -11,13 +11,14 @@ positions as tokens (`clean`), or only scales it (`official`: what the released 
 `components` and `variant` default to `auto`, which the source's family decides: the attack is
 built with the family, so the resolved values (part of the run identity) are known at once.
 `zero=False` keeps the gammas and zeroes nothing, on every family: the control that separates
-the effect of the scaling from that of removing the extreme tokens.
+the effect of the scaling from that of removing the extreme tokens. On DeiT, `official` only
+scales too: the released code hooks DeiT but zeroes nothing there (architectures.scales_only).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -36,6 +37,7 @@ from tgr_bench.attacks.architectures import (
     BoundSite,
     Family,
     bind_sites,
+    scales_only,
 )
 from tgr_bench.attacks.base import MISettings
 from tgr_bench.attacks.hooks import GradientHookAttack
@@ -170,8 +172,8 @@ class TGRSettings(MISettings):
     variant: str = key(
         AUTO,
         options=(AUTO, *VARIANTS),
-        help="auto: official on ViT/DeiT/PiT/CaiT/Visformer (only CaiT's class-attention blocks "
-        "depend on it), clean on residual CNNs",
+        help="auto: official on ViT/DeiT/PiT/CaiT/Visformer (it decides CaiT's class-attention "
+        "blocks, and official only scales on DeiT, as released), clean on residual CNNs",
     )
     zero: bool = key(
         True, help="false: scale by the gammas and zero nothing (the variance analysis' control)"
@@ -208,6 +210,7 @@ class TGR(GradientHookAttack):
         self._refuse_unused_gammas(s.gamma)
         self.variant = self.family.auto_variant if s.variant == AUTO else s.variant
         self._too_few: dict[str, int] = {}
+        self._scale_only = False  # set per bound network: DeiT under `official`
 
     def _refuse_unused_gammas(self, gamma: Gamma) -> None:
         """A gamma set for a component this run does not regularize would silently not apply."""
@@ -233,8 +236,16 @@ class TGR(GradientHookAttack):
         }
 
     def sites(self, net: nn.Module, family: Family) -> list[BoundSite]:
-        sites = bind_sites(net, family, self.variant)
-        return [b for b in sites if b.site.component in self.components]
+        bound = bind_sites(net, family, self.variant)
+        sites = [b for b in bound if b.site.component in self.components]
+        # The released code hooks DeiT but zeroes nothing there (docs/tgr.md section 3.1).
+        self._scale_only = scales_only(net, family, self.variant)
+        if self._scale_only:
+            sites = [replace(b, site=replace(b.site, rule=SCALE)) for b in sites]
+        return sites
+
+    def stats(self) -> dict[str, Any]:
+        return {**super().stats(), **({"tgr_scale_only": True} if self._scale_only else {})}
 
     def expected_components(self) -> list[str]:
         return list(self.components)

@@ -47,7 +47,8 @@ def block_statistics(g: torch.Tensor) -> torch.Tensor:
 
 
 def input_cosine(previous: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
-    """(B,): cosine similarity of two successive input gradients, per sample."""
+    """(B,): cosine similarity of two successive input gradients, per sample: the gradients the
+    loop feeds its momentum update (after TI's smoothing, when TI is on)."""
     return F.cosine_similarity(previous.flatten(1).double(), current.flatten(1).double(), dim=1)
 
 
@@ -99,7 +100,10 @@ class GradientRecorder:
     def _disarm(self, module: nn.Module, args: Any, out: Any) -> None:
         self._armed = False
 
-    def _wrap(self, original: Any) -> Any:
+    def _wrap(self, original: Any, smooth: Any = None) -> Any:
+        """The attack's `input_gradient`, recording around it; `smooth`: the attack's TI (or
+        None), which the loop applies before the momentum update, so input_cos sees it too."""
+
         def input_gradient(
             model: nn.Module,
             x: torch.Tensor,
@@ -123,7 +127,9 @@ class GradientRecorder:
                     f"block output gradients seen other than once in one step {wrong}: the block "
                     f"table of tgr_bench/variance/blocks.py does not match how this network runs."
                 )
-            current = grad.detach()
+            # The gradient the momentum update receives: TI runs on a detached copy, the loop
+            # still gets (and smooths) the gradient itself.
+            current = grad.detach() if smooth is None else smooth.apply(grad.detach())
             if self._previous is not None:
                 self._cos.append(input_cosine(self._previous, current))
             self._previous = current.clone()
@@ -149,7 +155,8 @@ class GradientRecorder:
         # An instance attribute shadows the method for the loop's own call only; the attack's
         # internal calls (VMI's neighbours, through super()) are not wrapped.
         shadowed = vars(attack).get("input_gradient")
-        attack.input_gradient = self._wrap(attack.input_gradient)  # type: ignore[method-assign]
+        wrapped = self._wrap(attack.input_gradient, attack.ti)
+        attack.input_gradient = wrapped  # type: ignore[method-assign]
         try:
             yield
         finally:
