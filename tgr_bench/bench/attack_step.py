@@ -6,6 +6,7 @@ Usage:
     python -m tgr_bench.bench.attack_step --attacks mi,tgr,tgr:attn,tgr:qkv,tgr:mlp --reps 5
     python -m tgr_bench.bench.attack_step --attacks mi --profile-edits --device cpu
     python -m tgr_bench.bench.attack_step --attacks mi,mi/si,mi/admix,mi/di/ti   # modifiers' cost
+    python -m tgr_bench.bench.attack_step --attacks mi,ll2s --set ll2s.num_scale=2   # a setting
 
 Weights are random (timing does not depend on them): `--source` is a catalogue key (its
 architecture, kwargs and input size) or a timm model name. `tgr:qkv` is TGR with only that
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from tgr_bench import provenance
 from tgr_bench.attacks import MIFGSM, build_attack
@@ -33,12 +35,15 @@ from tgr_bench.bench.timing import random_model, summary, time_interleaved
 from tgr_bench.settings import Runtime
 
 
-def attack_of(name: str, steps: int, family: str | None) -> MIFGSM:
+def attack_of(
+    name: str, steps: int, family: str | None, settings: dict[str, Any] | None = None
+) -> MIFGSM:
     """`tgr`, `tgr:qkv` (TGR with one component) or `mi/si`, `tgr/di/ti` (with modifiers on)
-    as an attack of `steps` steps, for a source of `family`."""
+    as an attack of `steps` steps, for a source of `family`, with `settings` (its keys)."""
     first, *modifiers = name.split("/")
     base, _, component = first.partition(":")
     cfg: dict = {"name": base, "steps": steps, **{m: {"enabled": True} for m in modifiers}}
+    cfg |= settings or {}
     if component:
         cfg["components"] = component.split("+")
     return build_attack(cfg, family)
@@ -84,6 +89,13 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="CPU: also report ms per step inside TGR's gradient edits, per component",
     )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="ATTACK.KEY=VALUE",
+        help="a setting of one attack of --attacks (repeatable), e.g. ll2s.num_scale=2",
+    )
     p.add_argument("--json", type=Path, help="also write the results here")
     return p
 
@@ -98,6 +110,16 @@ def _costs(result: dict[str, Any], names: list[str]) -> None:
             result["tgr_over_mi"] = result["over_mi"]["tgr"]
 
 
+def _settings(items: list[str]) -> dict[str, dict[str, Any]]:
+    """`--set ll2s.num_scale=2` as {"ll2s": {"num_scale": 2}} (values read as YAML)."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        attack, _, name = key.partition(".")
+        out.setdefault(attack, {})[name] = yaml.safe_load(value)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     device = torch.device(args.device)
@@ -108,7 +130,8 @@ def main(argv: list[str] | None = None) -> None:
     x = torch.rand(args.batch_size, 3, 224, 224, generator=g).to(device)
     y = torch.randint(0, 1000, (args.batch_size,), generator=g).to(device)
     names = args.attacks.split(",")
-    attacks = {n: attack_of(n, args.steps, family) for n in names}
+    settings = _settings(args.set)
+    attacks = {n: attack_of(n, args.steps, family, settings.get(n)) for n in names}
     times = time_interleaved(attacks, model, x, y, args.reps, args.warmup)
     result = {
         "source": args.source,
