@@ -45,10 +45,10 @@ smoke: $(STAMP)  ## offline smoke run: tiny random-weight timm models, synthetic
 
 test: $(STAMP)  ## lint and the whole test suite, both tiers (CPU, no network, under 6 min on 2 cores)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto
 
 test-fast: $(STAMP)  ## the fast tier to run while working: no subprocesses, no test over a few seconds (under 2 min)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n auto -m "not slow"
 
 lint: $(STAMP)  ## ruff
 	$(BIN)/ruff check .

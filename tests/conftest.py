@@ -110,8 +110,9 @@ class Result:
 
 @pytest.fixture
 def tgr(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, tmp_path: Path):
-    """Run `tgr-bench` (or `prog=`: tgr-bench-variance, tgr-bench-report) in this process, exactly as its entry
-    point runs it (the command line checks, Hydra, the run, the exit code), from `cwd`
+    """Run `tgr-bench` (or `prog=`: tgr-bench-variance, tgr-bench-report) in this process,
+    exactly as its entry point runs it (the command line checks, Hydra, the run, the exit code),
+    from `cwd`
     (default tmp_path). A few times faster than a fresh process: the imports are paid once."""
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig

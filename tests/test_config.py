@@ -40,9 +40,16 @@ def test_the_groups_are_the_documented_ones():
     assert "schema" not in model_keys() and "vit_base" in model_keys()
 
 
-@pytest.mark.parametrize(
-    "group,option", [(g, o) for g in GROUPS for o in choices(g)], ids=lambda v: str(v)
-)
+def _options() -> list:
+    """Every option of every group; the model catalogue's (many, alike) in the slow tier."""
+    return [
+        pytest.param(g, o, id=f"{g}-{o}", marks=[pytest.mark.slow] if g == "source" else [])
+        for g in GROUPS
+        for o in choices(g)
+    ]
+
+
+@pytest.mark.parametrize("group,option", _options())
 def test_every_option_composes_to_a_valid_run(group: str, option: str):
     robust = option == "robustbench" or option.startswith("rb_")
     if robust and importlib.util.find_spec("robustbench") is None:

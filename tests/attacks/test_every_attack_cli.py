@@ -1,4 +1,5 @@
-"""Every attack preset on every source family, through the console script's entry point."""
+"""Every attack preset on every source family, through the console script's entry point (the
+slow tier: each is a whole run; the attacks' own files test them in the fast one)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pandas as pd
 import pytest
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "attack,source,extra",
     [
@@ -19,22 +21,12 @@ import pytest
         ("pna_patchout", "test_visformer", ()),
         ("tgr_patchout", "test_deit", ()),
         # The successors: their own files test them in depth; here, the whole command.
-        pytest.param("att", "test_cait", (), marks=pytest.mark.slow),
-        pytest.param("gns", "test_visformer", ("attack.hfa.n=2",), marks=pytest.mark.slow),
-        pytest.param("vdc", "test_pit", (), marks=pytest.mark.slow),
+        ("att", "test_cait", ()),
+        ("gns", "test_visformer", ("attack.hfa.n=2",)),
+        ("vdc", "test_pit", ()),
         # The tiny PiT lacks the released block list: the run names the blocks to use.
-        pytest.param(
-            "fpr",
-            "test_pit",
-            ("attack.attn_blocks=[transformers.0.blocks.1]",),
-            marks=pytest.mark.slow,
-        ),
-        pytest.param(
-            "ll2s",
-            "test_vit",
-            ("attack.num_scale=2", "attack.num_robust_tokens=8"),
-            marks=pytest.mark.slow,
-        ),
+        ("fpr", "test_pit", ("attack.attn_blocks=[transformers.0.blocks.1]",)),
+        ("ll2s", "test_vit", ("attack.num_scale=2", "attack.num_robust_tokens=8")),
     ],
 )
 def test_every_attack_runs_through_the_cli(tgr, tmp_path: Path, attack, source, extra):

@@ -2,7 +2,8 @@
 
 Full-size random weights per architecture family, in the converted files' layout (two of them
 written as .npy files once per test session, to test the file format); the networks are built
-from them and run on CPU. Numbers checked against TF-slim's definitions are derived by hand in the comments.
+from them and run on CPU. Numbers checked against TF-slim's definitions are derived by hand in
+the comments.
 """
 
 from __future__ import annotations
@@ -296,6 +297,7 @@ def test_safetensors_round_trip(
     assert torch.equal(out, logits["inc_v3"])
 
 
+@pytest.mark.slow  # writes full-size weight files
 def test_is_tf2torch_file_reads_content(npy_files: dict, tmp_path: Path) -> None:
     npy = npy_files["res_v2_50"]
     converted = tmp_path / "converted.safetensors"

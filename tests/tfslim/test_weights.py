@@ -47,6 +47,7 @@ def test_the_five_tfslim_only_keys_say_where_their_files_are():
             resolve_weights(spec)
 
 
+@pytest.mark.slow  # writes full-size weight files
 def test_tf2torch_dir_finds_either_file_name_and_prefers_safetensors(tf2torch_dir: Path):
     w = resolve_weights(model_spec("inc_v3"), str(tf2torch_dir))
     assert (w.kind, Path(w.path).name) == ("tf2torch", "tf2torch_inception_v3.npy")
@@ -136,6 +137,7 @@ def test_the_attack_takes_its_loss_at_logit_y_plus_one():
     assert not torch.equal(offset, attack.perturb(plain, x, y, [0, 1]))
 
 
+@pytest.mark.slow  # writes full-size weight files
 def test_cli_evaluates_a_folder_on_tf2torch_weights(tgr, tmp_path: Path, tf2torch_dir: Path):
     crafted = tmp_path / "crafted"
     common = ["experiment=smoke", "data.n=2", "attack.steps=1", "data.labels=random"]
@@ -161,6 +163,7 @@ def test_cli_evaluates_a_folder_on_tf2torch_weights(tgr, tmp_path: Path, tf2torc
     assert row.target_sha256 == expected
 
 
+@pytest.mark.slow  # writes full-size weight files
 def test_load_model_api(npy_files: dict[str, Path]):
     model = load_model("test_vit")
     assert not model.training and model.label_offset == 0
@@ -176,6 +179,7 @@ def test_load_model_api(npy_files: dict[str, Path]):
     assert "res_v2_101" in model_keys() and "schema" not in model_keys()
 
 
+@pytest.mark.slow  # writes full-size weight files
 def test_converted_file_gives_the_same_logits(npy_files: dict[str, Path], tmp_path: Path):
     shutil.copy(npy_files["res_v2_50"], tmp_path / FILES["res_v2_50"].released_name)
     prepare(["convert-tf2torch", str(tmp_path), str(tmp_path / "safe")])
