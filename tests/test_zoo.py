@@ -128,3 +128,39 @@ def test_a_present_robustbench_file_is_found_without_robustbench(tmp_path):
     torch.save({"w": torch.zeros(1)}, path)
     found = weights_of(spec)
     assert found.path == str(path.resolve()) and found.kind == "checkpoint"
+
+
+@pytest.mark.parametrize(
+    "key,family",
+    [("deit3_b", "vit"), ("vit_b", "vit"), ("resnet50", "resnet"), ("swin_t", None)],
+)
+def test_zoo_keys_the_attacks_support_are_sources_of_their_family(key: str, family: str | None):
+    from tgr_bench.attacks import create
+    from tgr_bench.attacks.architectures import source_family
+
+    spec = model_spec(key)
+    assert source_family(spec.arch) == family
+    if family is None:  # no site table: a hook attack refuses it, naming the families it has
+        with pytest.raises(UserError, match="vit"):
+            create("tgr", source_family(spec.arch), source=key)
+
+
+def test_a_deit3_source_fires_every_tgr_site():
+    import timm
+
+    from tgr_bench.attacks import create
+    from tgr_bench.models import PixelModel
+
+    net = timm.create_model(
+        "deit3_base_patch16_224", pretrained=False, depth=2, embed_dim=64, num_heads=2, img_size=64
+    )
+    model = PixelModel(net.eval(), (0.5,) * 3, (0.5,) * 3, 64).eval().requires_grad_(False)
+    attack = create("tgr", "vit", steps=2)
+    x, y = (
+        torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)),
+        torch.tensor([1, 2]),
+    )
+    with attack.source_context(model):
+        adv = attack.perturb(model, x, y, [0, 1])
+    assert dict(attack.fired) == {"attn": 4, "qkv": 4, "mlp": 4}  # 2 blocks x 2 steps
+    assert 0 < (adv - x).abs().max() <= 16 / 255 + 1e-6
