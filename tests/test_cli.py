@@ -279,6 +279,8 @@ def test_evaluating_the_images_a_folder_has(tgr, tmp_path: Path):
         (["-m", "hydra.sweep.dir= "], "an empty or root folder"),
         (["data.root=/data/ré"], "quote it, in the shell: 'data.root=\"/data/ré\"'"),
         (["hydra.run.dir=/tmp/ré"], "Hydra cannot read this value unquoted"),
+        (["-m", 'hydra.sweep.dir="~/sweeps"'], "Hydra does not expand ~"),
+        (["hydra.run.dir=~/runs/a"], "e.g. hydra.run.dir=$HOME/runs/a"),
     ],
 )
 def test_settings_that_would_be_ignored_or_crash_hydra_are_refused(tmp_path: Path, argv, match):

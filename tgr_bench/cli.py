@@ -101,6 +101,11 @@ def _check_output_dir(key: str, value: str) -> None:
     the run's files among others; inside a file or an unwritable folder, Hydra would fail with
     a traceback."""
     value = value.strip().strip("\"'")  # a quoted value, as Hydra reads it
+    if value.startswith("~"):
+        raise UserError(
+            f"{key}={value}: Hydra does not expand ~, so the run would land in a folder named "
+            f"'~' here; write the path out, e.g. {key}=$HOME{value[1:]} (the shell expands it)."
+        )
     if not value or Path(value).expanduser().resolve() == Path("/"):
         raise UserError(
             f"{key}={value!r}: an empty or root folder would mix the run's files with others "
@@ -110,15 +115,17 @@ def _check_output_dir(key: str, value: str) -> None:
 
 
 def _check_parses(arg: str) -> None:
-    """An override Hydra's grammar cannot read (a space, a non-ASCII letter, a bracket in a
-    path): one line with the quoted form that works."""
+    """An override Hydra's grammar cannot read (a non-ASCII letter, a bracket in a path): one
+    line with the quoted form that works; the output folders checked first."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import OverrideParseException
 
+    key, _, value = arg.partition("=")
+    if key in ("hydra.run.dir", "hydra.sweep.dir"):
+        _check_output_dir(key, value)  # before the grammar: `~` has a fix of its own
     try:
         OverridesParser.create().parse_overrides([arg])
     except OverrideParseException:
-        key, _, value = arg.partition("=")
         raise UserError(
             f"{arg}: Hydra cannot read this value unquoted; quote it, in the shell: "
             f"'{key}=\"{value}\"'"
@@ -170,10 +177,8 @@ def check_overrides(
     _note_ignored(overrides)
     groups, keys = [], []
     for arg in overrides:
-        _check_parses(arg)
+        _check_parses(arg)  # the output folders too
         key, _, value = arg.partition("=")
-        if key in ("hydra.run.dir", "hydra.sweep.dir"):
-            _check_output_dir(key, value)
         if key.startswith(("+", "~", "hydra")) or "/" in key:
             continue  # additions, deletions and Hydra's own settings are Hydra's business
         if key in groups_of:
