@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import zlib
 from dataclasses import dataclass
@@ -165,6 +166,22 @@ class WeightFile:
     revision: str | None = None
 
 
+# The catalogue's tags (tnt_s_legacy_patch16_224, test_resnet, ...) exist from this timm on. The
+# package admits older ones because robustbench 1.1.1 (the robust extra) pins timm 1.0.9.
+TIMM_FOR_CATALOGUE = (1, 0, 16)
+
+
+def _old_timm() -> str:
+    have = tuple(int(p) for p in re.findall(r"\d+", timm.__version__)[:3])
+    if have >= TIMM_FOR_CATALOGUE:
+        return ""
+    need = ".".join(map(str, TIMM_FOR_CATALOGUE))
+    return (
+        f" This is timm {timm.__version__} (robustbench pins 1.0.9); the catalogue needs timm >= "
+        f"{need}: pip install -U 'timm>={need}' (robustbench's ImageNet models work with it)."
+    )
+
+
 def pretrained_cfg(spec: ModelSpec) -> dict[str, Any]:
     """The timm pretrained config of the tag: mean/std/input size always come from here (the
     TF-slim preprocessing for a model that is TF-slim only)."""
@@ -174,7 +191,7 @@ def pretrained_cfg(spec: ModelSpec) -> dict[str, Any]:
     if not timm.is_model(arch):
         raise UserError(
             f"Unknown timm architecture {arch!r} for model {spec.key!r}. Check the name with "
-            f"`python -c \"import timm; print(timm.list_models('{arch[:4]}*'))\"`."
+            f"`python -c \"import timm; print(timm.list_models('{arch[:4]}*'))\"`.{_old_timm()}"
         )
     try:
         cfg = timm.models.get_pretrained_cfg(spec.model) if tag else None
