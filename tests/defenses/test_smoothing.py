@@ -231,3 +231,30 @@ def test_smoothing_defaults_and_params():
         "smoothing_alpha": 0.001,
     }
     assert "ICML 2019" in smoothing.reference
+
+
+@pytest.mark.parametrize(("k", "n", "tail"), [(20, 20, 2**-20), (8, 8, 2**-8), (9, 10, 11 / 1024)])
+def test_binomial_upper_tail_is_exact(k, n, tail):
+    from tgr_bench.defenses.smoothing import binomial_upper_tail
+
+    assert binomial_upper_tail(k, n) == tail
+    assert binomial_upper_tail(0, n) == 1.0
+
+
+def test_certify_selects_on_n0_copies_and_certifies_on_n_fresh_ones():
+    x = images(3)
+    certify = Smoothing(rule="certify", n0=5, n=20, batch=7)
+    assert certify.predict(Always(7), x, [1, 2, 3]).tolist() == [7, 7, 7]  # P(X>=20) = 2^-20
+    # Eight unanimous estimation copies: the lower bound of P(cA) stays below 1/2 at alpha 1e-3.
+    short = Smoothing(rule="certify", n0=5, n=8)
+    assert short.predict(Always(7), x, [1, 2, 3]).tolist() == [ABSTAIN] * 3
+    # Selection and estimation copies are disjoint: copies 0..4, then 5..24 of each image.
+    model = Linear()
+    both = certify.counts(model, x, [1, 2, 3], 25)
+    apart = certify.counts(model, x, [1, 2, 3], 5) + certify.counts(model, x, [1, 2, 3], 20, 5)
+    assert torch.equal(both, apart)
+    assert certify.params()["smoothing_rule"] == "certify" and certify.params()["smoothing_n0"] == 5
+    with pytest.raises(UserError, match="n0=5 has no effect with rule=predict"):
+        Smoothing(n0=5)
+    with pytest.raises(UserError, match="rule='cert'"):
+        Smoothing(rule="cert")

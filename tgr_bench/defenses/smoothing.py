@@ -1,4 +1,5 @@
-"""Randomized smoothing's PREDICT (Cohen et al., ICML 2019): a prediction rule, not a transform.
+"""Randomized smoothing (Cohen et al., ICML 2019) as a prediction rule, not a transform: PREDICT
+(the default) or CERTIFY's certified prediction (`rule=certify`, with its selection sample n0).
 
 Counting abstentions. PREDICT returns ABSTAIN (-1) when the top two counts are too close to
 call. For clean accuracy an abstention is not a correct answer (the authors' script scores
@@ -26,6 +27,7 @@ from tgr_bench.defenses.base import Defense, check_images, in_range, need_keys, 
 from tgr_bench.defenses.noise import normals, signed, stream_seeds
 from tgr_bench.errors import UserError
 
+RULES = ("predict", "certify")
 ABSTAIN = -1
 BACKGROUND = -2  # the smoothed top class is a TF-slim background logit: wrong, but no abstention
 SMOOTH_TAG = 0x524E  # keeps the smoothing noise apart from every other draw of an image
@@ -43,6 +45,13 @@ class Smoothing(Defense):
     noise is i.i.d. at the network's own resolution. PREDICT has no N0: that is CERTIFY's
     selection sample, which PREDICT folds into its single sample of n.
 
+    `rule=certify` gives CERTIFY's certified prediction instead: the top class cA of n0 noisy
+    copies (selection), then n fresh copies (estimation) whose count nA of cA must make the
+    one-sided Clopper-Pearson lower bound of P(cA) at level alpha exceed 1/2, else it abstains.
+    That bound exceeds 1/2 exactly when P(X >= nA) <= alpha for X ~ Binomial(n, 1/2), so the
+    exact binomial tail decides it (the radius sigma * Phi^-1(bound) is not reported). The
+    paper's CERTIFY settings: n0 = 100, n = 100,000, alpha = 0.001.
+
     ImageNet settings: sigma must be the noise the base classifier was trained with (the
     released ResNet-50s: 0.25, 0.50, 1.00); the defaults are the released PREDICT command's,
     sigma 0.50, n = 1000, alpha = 0.001, 400 noisy copies per forward pass (the paper's
@@ -54,6 +63,8 @@ class Smoothing(Defense):
     n: int = 1000
     alpha: float = 0.001
     batch: int = 400
+    rule: str = "predict"
+    n0: int = 100  # CERTIFY's selection copies (rule=certify)
 
     name: ClassVar[str] = "smoothing"
     randomized: ClassVar[bool] = True
@@ -70,6 +81,14 @@ class Smoothing(Defense):
         if alpha in (0.0, 1.0):
             raise UserError(f"defense.smoothing.alpha={self.alpha}: choose it inside (0, 1).")
         whole_in("defense.smoothing.batch", self.batch, 1, 10_000_000, "the copies per forward")
+        if self.rule not in RULES:
+            raise UserError(f"defense.smoothing.rule={self.rule!r}: choose one of {list(RULES)}.")
+        whole_in("defense.smoothing.n0", self.n0, 1, 10_000_000, "CERTIFY's selection copies")
+        if self.rule == "predict" and self.n0 != 100:
+            raise UserError(
+                f"defense.smoothing.n0={self.n0} has no effect with rule=predict (PREDICT has "
+                f"no selection sample): set defense.smoothing.rule=certify, or leave n0 at 100."
+            )
 
     def params(self) -> dict[str, Any]:
         # batch is left out: it changes no prediction.
@@ -77,17 +96,36 @@ class Smoothing(Defense):
             "smoothing_sigma": float(self.sigma),
             "smoothing_n": self.n,
             "smoothing_alpha": float(self.alpha),
+            **({"smoothing_rule": "certify", "smoothing_n0": self.n0} if self.certify else {}),
         }
+
+    @property
+    def certify(self) -> bool:
+        return self.rule == "certify"
 
     def predict(self, model: nn.Module, x: torch.Tensor, keys: Sequence[int]) -> torch.Tensor:
         """(B,) class indices on the host: ABSTAIN (-1) where PREDICT abstains, argmax -
         label_offset otherwise (BACKGROUND, -2, for a background logit)."""
         offset = int(getattr(model, "label_offset", 0))
-        return decide(self.counts(model, x, keys), self.alpha, offset)
+        if not self.certify:
+            return decide(self.counts(model, x, keys), self.alpha, offset)
+        # Selection and estimation use disjoint copies: n0 first, then n more of each image.
+        chosen = self.counts(model, x, keys, self.n0).argmax(dim=1)
+        estimated = self.counts(model, x, keys, self.n, first=self.n0)
+        return certified(chosen, estimated, self.n, self.alpha, offset)
 
-    def counts(self, model: nn.Module, x: torch.Tensor, keys: Sequence[int]) -> torch.Tensor:
-        """(B, logits) int64 counts of the model's argmax over each image's n noisy copies, on
-        x's device; the copies run `batch` at a time with no wait for the device in between."""
+    def counts(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        keys: Sequence[int],
+        copies: int | None = None,
+        first: int = 0,
+    ) -> torch.Tensor:
+        """(B, logits) int64 counts of the model's argmax over each image's noisy copies first ..
+        first + copies - 1 (default: n), on x's device; the copies run `batch` at a time with no
+        wait for the device in between."""
+        copies = self.n if copies is None else copies
         check_images(x)
         drawn = need_keys(self.name, keys, len(x))
         counts: torch.Tensor | None = None
@@ -97,11 +135,12 @@ class Smoothing(Defense):
             # image's, so no chunk waits for a copy from the host.
             base = [signed(mix(key, SMOOTH_TAG)) for key in drawn]
             base_on = torch.tensor(base, dtype=torch.int64).to(x.device, non_blocking=True)
-            total = len(x) * self.n
+            total = len(x) * copies
             for start in range(0, total, self.batch):
                 rows = torch.arange(start, min(start + self.batch, total), device=x.device)
-                image = rows // self.n
-                noisy = x.index_select(0, image) + self.sigma * self.noise(base_on, rows, x)
+                image = rows // copies
+                copy = first + rows % copies
+                noisy = x.index_select(0, image) + self.sigma * self.noise(base_on, image, copy, x)
                 logits = model(noisy)
                 if counts is None:
                     counts = logits.new_zeros((len(x), logits.shape[1]), dtype=torch.long)
@@ -110,11 +149,13 @@ class Smoothing(Defense):
         assert counts is not None  # n >= 1 and B >= 1 make at least one forward
         return counts
 
-    def noise(self, base: torch.Tensor, rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """(len(rows), C, H, W) normals; row r is copy r % n of image r // n, made from that
-        image's base seed and the copy's index alone."""
-        seeds = stream_seeds(base.index_select(0, rows // self.n), rows % self.n)
-        return normals(seeds, x[0].numel()).view(len(rows), *x.shape[1:]).to(x.dtype)
+    def noise(
+        self, base: torch.Tensor, image: torch.Tensor, copy: torch.Tensor, x: torch.Tensor
+    ) -> torch.Tensor:
+        """(len(image), C, H, W) normals; row r is copy copy[r] of image image[r], made from
+        that image's base seed and the copy's index alone."""
+        seeds = stream_seeds(base.index_select(0, image), copy)
+        return normals(seeds, x[0].numel()).view(len(image), *x.shape[1:]).to(x.dtype)
 
 
 def decide(counts: torch.Tensor, alpha: float, label_offset: int = 0) -> torch.Tensor:
@@ -132,6 +173,33 @@ def decide(counts: torch.Tensor, alpha: float, label_offset: int = 0) -> torch.T
         else:
             out.append(cls - label_offset if cls >= label_offset else BACKGROUND)
     return torch.tensor(out, dtype=torch.long)
+
+
+def certified(
+    chosen: torch.Tensor, counts: torch.Tensor, n: int, alpha: float, label_offset: int = 0
+) -> torch.Tensor:
+    """CERTIFY's answer as a (B,) host tensor: the selected class less label_offset where the
+    estimation count nA of it has P(X >= nA) <= alpha under Binomial(n, 1/2) (the lower
+    confidence bound of its probability above 1/2), else ABSTAIN."""
+    n_a = counts.gather(1, chosen.view(-1, 1)).squeeze(1).cpu().tolist()
+    out = []
+    for cls, k in zip(chosen.cpu().tolist(), n_a, strict=True):
+        if binomial_upper_tail(k, n) > alpha:
+            out.append(ABSTAIN)
+        else:
+            out.append(cls - label_offset if cls >= label_offset else BACKGROUND)
+    return torch.tensor(out, dtype=torch.long)
+
+
+def binomial_upper_tail(k: int, n: int) -> float:
+    """P(X >= k) for X ~ Binomial(n, 1/2), exactly (integer binomial coefficients)."""
+    if not 0 <= k <= n:
+        raise ValueError(f"binomial_upper_tail needs 0 <= k <= n; got k={k}, n={n}.")
+    term, tail = 1, 1  # C(n, n), and the sum of C(n, i) for i = n .. k
+    for i in range(n, k, -1):
+        term = term * i // (n - i + 1)  # C(n, i - 1)
+        tail += term
+    return float(Fraction(tail, 2**n))
 
 
 def binomial_p_value(k: int, n: int) -> float:
