@@ -48,7 +48,7 @@ def show() -> None:
         cfg = compose([f"attack={choice}"])
         # Defaults as they resolve on the default source (the paper's ViT-B/16).
         source = model_spec(cfg.source.key)
-        attack = build_attack(cfg.attack, source_family(source.arch), source.key)
+        attack = build_attack(cfg.attack, source_family(source.arch), source.key, arch=source.arch)
         params = attack.params()
         attacks.add_row(choice, attack.reference, " ".join(f"{k}={v}" for k, v in params.items()))
     base = compose(["attack=mi"]).attack
@@ -72,9 +72,9 @@ def show() -> None:
         if not spec.pretrained:
             kind = "random (tests)"
         elif spec.robustbench:
-            kind = f"RobustBench {spec.robustbench} (pip install \"tgr-bench[robust]\")"
+            kind = f'RobustBench {spec.robustbench} (pip install "tgr-bench[robust]")'
         elif spec.torchvision:
-            kind = f"torchvision {spec.torchvision} (pip install \"tgr-bench[torchvision]\")"
+            kind = f'torchvision {spec.torchvision} (pip install "tgr-bench[torchvision]")'
         elif spec.model is None:
             kind = f"converted TF-slim only: tf2torch_dir= ({spec.tfslim})"
         elif spec.tfslim:

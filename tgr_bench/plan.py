@@ -104,7 +104,9 @@ def _resolve(config: dict[str, Any]) -> RunSpec:
     source = attack = None
     if not settings.adv_dir:
         source = ModelSpec.of(config["source"])
-        attack = build_attack(config["attack"], source_family(source.arch), source.key)
+        attack = build_attack(
+            config["attack"], source_family(source.arch), source.key, arch=source.arch
+        )
     targets = _targets(config)
     identity = _identity(settings, data, source, attack)
     return RunSpec(config, settings, data, source, attack, targets, identity)

@@ -449,3 +449,26 @@ def test_row_column_zeroing_equals_the_previous_implementation(kind: str, k: int
         g = g if kind == "random" else tied(shape, seed)
         new = regularize(g, ROWCOL, 0.25, k)
         assert torch.equal(new, mask_rows_cols(g * 0.25, k))
+
+
+def test_deits_scale_only_rule_is_in_the_run_identity():
+    """The DeiT rule is known from the model name before any network exists, so DeiT runs under
+    `official` have an identity of their own (and runs made under another rule never resume
+    into them); ViT's identity is unchanged, and a network that contradicts its name stops."""
+    from tgr_bench.attacks import create
+
+    deit, vit = (
+        "deit_base_distilled_patch16_224.fb_in1k",
+        "vit_base_patch16_224.augreg_in21k_ft_in1k",
+    )
+    assert create("tgr", "vit", arch=deit).params()["scale_only"] is True
+    assert "scale_only" not in create("tgr", "vit", arch=deit, variant="clean").params()
+    assert "scale_only" not in create("tgr", "vit", arch=vit).params()
+    assert "scale_only" not in create("tgr", "vit").params()  # no name: decided on the network
+    named_vit = create("tgr", "vit", arch=vit)
+    model = tiny("deit")
+    with (
+        pytest.raises(UserError, match="is a DeiT, but its model name"),
+        named_vit.source_context(model),
+    ):
+        pass

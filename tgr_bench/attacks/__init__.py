@@ -45,12 +45,14 @@ def create(
     *,
     where: str = "attack",
     source: str | None = None,
+    arch: str | None = None,
     **keys: Any,
 ) -> MIFGSM:
     """The attack `name` (`mi`, `tgr`, ...) with `keys` (the config's keys, e.g. k=2,
     di={"enabled": True}) checked as on the command line, for a source of `family`
     (architectures.source_family of its model name; a Family or its name). `where` names the
-    settings in messages, `source` the source model."""
+    settings in messages, `source` the source model, `arch` its timm model name (what resolves
+    per architecture within a family, such as TGR's DeiT rule, then enters the identity)."""
     if name not in ATTACKS:
         raise UserError(
             f"Unknown attack {name!r}; available: {', '.join(sorted(ATTACKS))}. "
@@ -58,7 +60,9 @@ def create(
         )
     cls = ATTACKS[name]
     found = _family(cls, family, source)
-    return cls(parse(cls.Settings, {**keys, "name": name}, where), found)
+    attack = cls(parse(cls.Settings, {**keys, "name": name}, where), found)
+    attack.source_arch = arch
+    return attack
 
 
 def build_attack(
@@ -66,10 +70,12 @@ def build_attack(
     family: Family | str | None = None,
     source: str | None = None,
     where: str = "attack",
+    arch: str | None = None,
 ) -> MIFGSM:
     """The attack of an `attack` config group (a mapping with its `name`)."""
     keys = dict(config)
-    return create(str(keys.pop("name", "mi")), family, where=where, source=source, **keys)
+    name = str(keys.pop("name", "mi"))
+    return create(name, family, where=where, source=source, arch=arch, **keys)
 
 
 __all__ = [

@@ -325,8 +325,17 @@ def scales_only(net: nn.Module, family: Family, variant: str) -> bool:
         return False
     arch = (getattr(net, "pretrained_cfg", None) or {}).get("architecture")
     if arch:
-        return bool(timm.models.is_model_in_modules(arch, family.scale_only_official))
+        return scales_only_arch(arch, family, variant)
     return type(net).__module__.rpartition(".")[2] in family.scale_only_official
+
+
+def scales_only_arch(model: str, family: Family, variant: str) -> bool:
+    """The same from a timm model name (tag allowed), before any network exists: the run's
+    identity records it."""
+    if variant != "official" or not family.scale_only_official:
+        return False
+    arch = timm.models.split_model_name_tag(model)[0]
+    return bool(timm.models.is_model_in_modules(arch, family.scale_only_official))
 
 
 def _resolve(block: nn.Module, path: str) -> tuple[str, nn.Module | None]:

@@ -78,6 +78,8 @@ class MIFGSM:
     reference: ClassVar[str] = (
         "MI-FGSM: Dong et al., Boosting Adversarial Attacks with Momentum, CVPR 2018"
     )
+    # The source's timm model name, set by attacks.create when known (the run's plan knows it).
+    source_arch: str | None = None
 
     def __init__(self, settings: MISettings | None = None, family: Family | None = None) -> None:
         s = settings if settings is not None else self.Settings()

@@ -38,6 +38,7 @@ from tgr_bench.attacks.architectures import (
     Family,
     bind_sites,
     scales_only,
+    scales_only_arch,
 )
 from tgr_bench.attacks.base import MISettings
 from tgr_bench.attacks.hooks import GradientHookAttack
@@ -233,13 +234,26 @@ class TGR(GradientHookAttack):
             "components": "+".join(self.components),
             "variant": self.variant,
             **({} if self.zero else {"zero": False}),  # shown only when off
+            # DeiT under `official` only scales: a rule of its own, so runs of its own.
+            **({"scale_only": True} if self._arch_scales_only() else {}),
         }
+
+    def _arch_scales_only(self) -> bool:
+        if self.source_arch is None:
+            return False
+        return scales_only_arch(self.source_arch, self.family, self.variant)
 
     def sites(self, net: nn.Module, family: Family) -> list[BoundSite]:
         bound = bind_sites(net, family, self.variant)
         sites = [b for b in bound if b.site.component in self.components]
         # The released code hooks DeiT but zeroes nothing there (docs/tgr.md section 3.1).
         self._scale_only = scales_only(net, family, self.variant)
+        if self.source_arch is not None and self._scale_only != self._arch_scales_only():
+            raise UserError(
+                f"The source network is {'' if self._scale_only else 'not '}a DeiT, but its "
+                f"model name {self.source_arch!r} says otherwise, and the run's identity was "
+                f"resolved from the name. Check the source entry's model= in conf/source/."
+            )
         if self._scale_only:
             sites = [replace(b, site=replace(b.site, rule=SCALE)) for b in sites]
         return sites

@@ -27,7 +27,7 @@ class VMISettings(MISettings):
         None,
         low=1,
         identity=False,  # the split changes no image (tests/attacks/test_vmi.py)
-        help="neighbours per image in one pass; null = all N (halved on OOM)"
+        help="neighbours per image in one pass; null = all N (halved on OOM)",
     )
 
 

@@ -171,7 +171,8 @@ def craft_case(
     if attack_name == "vmi" and profile.vmi_samples:
         overrides["n_samples"] = profile.vmi_samples
     overrides |= profile.overrides.get(attack_name, {})
-    attack = build_attack({**preset(attack_name), **overrides}, source_family(spec.arch))
+    family = source_family(spec.arch)
+    attack = build_attack({**preset(attack_name), **overrides}, family, arch=spec.arch)
 
     def measure(b: int) -> list[float]:
         x, y = _inputs(b, device)

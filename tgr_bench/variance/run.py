@@ -69,7 +69,7 @@ def _attacks(config: dict[str, Any], spec: ModelSpec) -> list[tuple[str, MIFGSM]
         raise UserError(f"attacks= lists {repeated} more than once.")
     family = source_family(spec.arch)
     return [
-        (n, build_attack(configs[n], family, spec.key, where=f"attack_overrides.{n}"))
+        (n, build_attack(configs[n], family, spec.key, f"attack_overrides.{n}", spec.arch))
         for n in names
     ]
 
