@@ -403,3 +403,26 @@ def test_labels_name_every_active_modifier_in_a_fixed_order():
 def test_bad_modifier_settings(cfg, match):
     with pytest.raises(UserError, match=match):
         build_attack({"name": "mi", **cfg})
+
+
+@pytest.mark.parametrize(
+    "name,keys,attr,sizes",
+    [
+        ("vmi", {"n_samples": 4}, "chunk", [1, 4, 2, 2]),  # the gradient at x, then neighbours
+        ("gns", {"hfa": {"n": 4}}, "hfa_chunk", [4, 2, 2]),
+    ],
+)
+def test_neighbours_and_samples_split_in_halves_on_out_of_memory(name, keys, attr, sizes):
+    """VMI's neighbours and HFA's samples of one image share the copies' halving: a device that
+    holds 2 inputs gets passes of 2, with the gradient of the single pass."""
+    model = tiny("vit")
+    x, y = batch(1)
+    delta = 0.01 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    whole, split = on(name, **keys), on(name, **keys)
+    with whole.source_context(model):
+        expected = whole.input_gradient(model, x, delta, y, 0, [0])
+    small = RunsOutOfMemory(model, limit=2)
+    with split.source_context(model):
+        got = split.input_gradient(small, x, delta, y, 0, [0])
+    assert small.sizes == sizes and getattr(split, attr) == 2
+    assert torch.allclose(got, expected, atol=1e-6, rtol=1e-5)

@@ -16,9 +16,9 @@ away from the true one.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +66,23 @@ class MISettings:
                 f"{where}.si and {where}.admix are both on: Admix already averages over "
                 f"{where}.admix.m1 scales (SI's copies); enable one of them."
             )
+
+
+T = TypeVar("T")
+
+
+def split_on_oom(run: Callable[[int], T], chunk: int, images: int) -> tuple[T, int]:
+    """`run(chunk)`, and the chunk it ran with: when one image's copies, neighbours or samples
+    do not fit on the device, again with half as many per pass. With several images the error
+    goes up, and the crafting loop halves the batch, which changes no image's result."""
+    while True:
+        try:
+            return run(chunk), chunk
+        except torch.cuda.OutOfMemoryError:
+            if chunk == 1 or images > 1:
+                raise
+            chunk = max(1, chunk // 2)
+            torch.cuda.empty_cache()
 
 
 class MIFGSM:
@@ -217,21 +234,18 @@ class MIFGSM:
             return grad
         inputs = self.expand(model, inputs, step, seeds if keys is None else keys, ids)
         y = y.repeat_interleave(c)
-        while True:
-            chunk = self.copy_chunk or c
-            try:
-                if chunk >= c:
-                    (grad,) = torch.autograd.grad(self.loss(model(inputs), y, delta, c), delta)
-                    return grad
-                return self._chunked_gradient(model, inputs, y, delta, chunk)
-            except torch.cuda.OutOfMemoryError:
-                # With several images, the crafting loop halves the batch, which changes no
-                # image's result. Only one image's copies that do not fit are split in halves:
-                # the draws are keyed per copy, but the float summation order changes.
-                if chunk == 1 or len(x) > 1:
-                    raise
-                self.copy_chunk = max(1, min(chunk, c) // 2)
-                torch.cuda.empty_cache()
+
+        def passes(chunk: int) -> torch.Tensor:
+            if chunk >= c:
+                (grad,) = torch.autograd.grad(self.loss(model(inputs), y, delta, c), delta)
+                return grad
+            return self._chunked_gradient(model, inputs, y, delta, chunk)
+
+        # The float summation order changes with the split; the draws are keyed per copy.
+        grad, chunk = split_on_oom(passes, min(self.copy_chunk or c, c), len(x))
+        if chunk < c:
+            self.copy_chunk = chunk
+        return grad
 
     def _chunked_gradient(
         self,

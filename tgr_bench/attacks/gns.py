@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from tgr_bench.attacks.architectures import SPATIAL, TOKENS, BoundSite, Family, bind_sites
-from tgr_bench.attacks.base import MISettings
+from tgr_bench.attacks.base import MISettings, split_on_oom
 from tgr_bench.attacks.draws import mix
 from tgr_bench.attacks.hooks import GradientHookAttack
 from tgr_bench.errors import UserError
@@ -265,20 +265,17 @@ class GNS(GradientHookAttack):
         keys = seeds if keys is None else keys
         point = (x + delta).detach()
         n = self.hfa.n
-        while True:
-            try:
-                total = torch.zeros_like(x)
-                for start in range(0, n, self.hfa_chunk):
-                    stop = min(n, start + self.hfa_chunk)
-                    total += self._samples_gradient(model, point, y, step, keys, start, stop)
-                return total
-            except torch.cuda.OutOfMemoryError:
-                # As with VMI's neighbours: the crafting loop halves a batch of several images;
-                # one image's samples are split here (the draws are keyed per sample).
-                if self.hfa_chunk == 1 or len(x) > 1:
-                    raise
-                self.hfa_chunk = max(1, self.hfa_chunk // 2)
-                torch.cuda.empty_cache()
+
+        def passes(chunk: int) -> torch.Tensor:
+            total = torch.zeros_like(x)
+            for start in range(0, n, chunk):
+                stop = min(n, start + chunk)
+                total += self._samples_gradient(model, point, y, step, keys, start, stop)
+            return total
+
+        # As VMI's neighbours: one image's samples split (the draws are keyed per sample).
+        grad, self.hfa_chunk = split_on_oom(passes, self.hfa_chunk, len(x))
+        return grad
 
     def _samples_gradient(
         self,

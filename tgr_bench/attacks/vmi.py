@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from tgr_bench.attacks.architectures import Family
-from tgr_bench.attacks.base import MIFGSM, MISettings
+from tgr_bench.attacks.base import MIFGSM, MISettings, split_on_oom
 from tgr_bench.attacks.draws import mix
 from tgr_bench.schema import key
 
@@ -74,32 +74,28 @@ class VMI(MIFGSM):
     ) -> torch.Tensor:
         noise = self.neighbour_noise(x, step, seeds)
         b, n = noise.shape[:2]
-        while True:
-            try:
-                total = torch.zeros_like(x)
-                for start in range(0, n, self.chunk):
-                    r = noise[:, start : start + self.chunk]
-                    c = r.shape[1]
-                    grad = super().input_gradient(
-                        model,
-                        x.unsqueeze(1).expand_as(r).reshape(b * c, *x.shape[1:]),
-                        (delta.unsqueeze(1) + r).reshape(b * c, *x.shape[1:]),
-                        y.repeat_interleave(c),
-                        step,
-                        [s for s in seeds for _ in range(c)],
-                        # Each neighbour draws its own DI and Admix (key, neighbour index).
-                        keys=[mix(k, 0x4E, start + j) for k in keys for j in range(c)],
-                        ids=None if ids is None else [i for i in ids for _ in range(c)],
-                    )
-                    total += grad.view(b, c, *x.shape[1:]).sum(1)
-                return total / n
-            except torch.cuda.OutOfMemoryError:
-                # As with the copies of SI and Admix (Attack.input_gradient): the crafting loop
-                # halves a batch of several images; one image's neighbours are split here.
-                if self.chunk == 1 or b > 1:
-                    raise
-                self.chunk = max(1, self.chunk // 2)
-                torch.cuda.empty_cache()
+
+        def passes(chunk: int) -> torch.Tensor:
+            total = torch.zeros_like(x)
+            for start in range(0, n, chunk):
+                r = noise[:, start : start + chunk]
+                c = r.shape[1]
+                grad = super(VMI, self).input_gradient(
+                    model,
+                    x.unsqueeze(1).expand_as(r).reshape(b * c, *x.shape[1:]),
+                    (delta.unsqueeze(1) + r).reshape(b * c, *x.shape[1:]),
+                    y.repeat_interleave(c),
+                    step,
+                    [s for s in seeds for _ in range(c)],
+                    # Each neighbour draws its own DI and Admix (key, neighbour index).
+                    keys=[mix(k, 0x4E, start + j) for k in keys for j in range(c)],
+                    ids=None if ids is None else [i for i in ids for _ in range(c)],
+                )
+                total += grad.view(b, c, *x.shape[1:]).sum(1)
+            return total / n
+
+        mean, self.chunk = split_on_oom(passes, self.chunk, b)
+        return mean
 
     def input_gradient(
         self,
