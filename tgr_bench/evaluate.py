@@ -23,7 +23,7 @@ from tgr_bench.defenses import ABSTAIN, Defense
 from tgr_bench.hashing import digest
 from tgr_bench.models import LoadedModel, ModelSpec, WeightFile, build_model
 from tgr_bench.predict import predict
-from tgr_bench.record import format_params
+from tgr_bench.record import DEFENDED, format_params
 
 
 class CleanCache:
@@ -188,7 +188,7 @@ def _per_image(
 def column_of(key: str, defense: Defense | None) -> str:
     """The results' target name: the catalogue key, `key+<defense>` through a defense (with
     its settings where they differ from the paper's: `key+jpeg[quality=50]`)."""
-    return key if defense is None else f"{key}+{defense.label()}"
+    return key if defense is None else f"{key}{DEFENDED}{defense.label()}"
 
 
 def _defense_columns(

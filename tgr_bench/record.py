@@ -24,6 +24,7 @@ RESULTS_CSV = "results.csv"
 RESULTS_MD = "results.md"
 PREDICTIONS_CSV = "predictions.csv"
 TARGETS_CSV = "targets.csv"  # a targeted run's aim (target_label) per image
+DEFENDED = "+"  # a results target `T+<defense>`: target T evaluated under a defense
 LABELS_CSV = "labels.csv"  # the labels a run attacked when the source gave them (smoke sets)
 VARIANCE_JSON = "variance.json"  # the record of a tgr-bench-variance run
 LOCK = ".tgr-bench.lock"

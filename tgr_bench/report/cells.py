@@ -20,10 +20,9 @@ import pandas as pd
 
 from tgr_bench.errors import UserError
 from tgr_bench.metrics import COUNTS, RATES, rates
-from tgr_bench.record import AdvSetInfo, Identity
+from tgr_bench.record import DEFENDED, AdvSetInfo, Identity
 from tgr_bench.report.runs import LoadedRun, load_runs
 
-DEFENDED = "+"  # `T+<defense>`: target T evaluated under an input defense (results.py)
 TARGET_GROUPS = ("vits", "cnns", "defended")  # the targets= options the tables group by
 TARGET_WEIGHTS = ("target_sha256", "target_weights")  # which weight file a target's cell used
 

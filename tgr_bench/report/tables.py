@@ -11,7 +11,8 @@ import pandas as pd
 
 from tgr_bench.atomic import atomic_write
 from tgr_bench.errors import UserError
-from tgr_bench.report.cells import DEFENDED, TARGET_GROUPS, target_groups
+from tgr_bench.record import DEFENDED
+from tgr_bench.report.cells import TARGET_GROUPS, target_groups
 from tgr_bench.report.writers import to_csv, to_latex, to_markdown
 
 GROUP_TITLES = {"vits": "ViTs", "cnns": "CNNs", "defended": "defended", "other": "other"}
