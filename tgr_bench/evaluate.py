@@ -199,7 +199,10 @@ def _defense_columns(
     if defense is None:
         return {}
     n = len(clean)
-    abstained, clean_abstained = int((adv == ABSTAIN).sum()), int((clean == ABSTAIN).sum())
+    abstained = clean_abstained = 0
+    # Only a prediction rule abstains: an input defense's -1 is a TF-slim background answer.
+    if hasattr(defense, "predict"):
+        abstained, clean_abstained = int((adv == ABSTAIN).sum()), int((clean == ABSTAIN).sum())
     return {
         "defense": defense.name,
         "defense_params": format_params(defense.params()),

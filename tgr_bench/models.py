@@ -101,7 +101,9 @@ class ModelSpec:
         None, help="RobustBench ImageNet L-inf model name, e.g. Salman2020Do_R50 (robust extra)"
     )
     model_dir: str = schema.key(
-        "models", help="robustbench: the folder of imagenet/Linf/<name>.pt (robustbench's own)"
+        "models",
+        needs="robustbench",
+        help="robustbench: the folder of imagenet/Linf/<name>.pt (robustbench's own)",
     )
 
     def check(self, where: str) -> None:
@@ -116,6 +118,18 @@ class ModelSpec:
             raise UserError(
                 f"Model entry {self.key!r}: copy_of= derives from seeded random weights only "
                 f"(pretrained: false, no checkpoint, no tfslim)."
+            )
+        extra = "robustbench" if self.robustbench else "torchvision" if self.torchvision else None
+        mixed = [
+            k
+            for k in ("checkpoint", "tfslim", "copy_of", "torchvision")
+            if extra and k != extra and getattr(self, k) is not None
+        ]
+        if mixed:
+            raise UserError(
+                f"Model entry {self.key!r}: {extra}= loads its own weights, so "
+                f"{', '.join(f'{k}=' for k in mixed)} would silently not apply; drop "
+                f"{' and '.join(mixed)}, or use a timm model= entry for a local checkpoint."
             )
         if self.tfslim is not None and self.tfslim not in TFSLIM_FILES:
             raise UserError(

@@ -310,9 +310,17 @@ def _refuse_unused(group: Any, prefix: str) -> None:
         value = getattr(group, f.name)
         if flag is None or getattr(group, flag) or value == getattr(default, f.name):
             continue
+        off, on = (
+            ("=false", "=true")
+            if isinstance(getattr(group, flag), bool)
+            else (
+                " is unset",
+                "=...",
+            )
+        )
         raise UserError(
-            f"{prefix}{f.name}={_shown(value)} has no effect while {prefix}{flag}=false: set "
-            f"{prefix}{flag}=true to use it, or leave {prefix}{f.name} at its default "
+            f"{prefix}{f.name}={_shown(value)} has no effect while {prefix}{flag}{off}: set "
+            f"{prefix}{flag}{on} to use it, or leave {prefix}{f.name} at its default "
             f"({_shown(getattr(default, f.name))})."
         )
 

@@ -113,7 +113,7 @@ def test_smoothing_abstentions_count_as_wrong_and_are_reported():
     smoothing = load_defense("smoothing", n=8, alpha=0.001, batch=24)
     rows, _, predictions = _evaluate(spec, data, adv_set, [smoothing])
     row = rows[1]
-    part = predictions[predictions.target == "tiny_vit+smoothing[n=8,batch=24]"]
+    part = predictions[predictions.target == "tiny_vit+smoothing[n=8]"]
     assert row["n_abstained"] == int((part.adv_pred == ABSTAIN).sum()) == 3
     assert row["n_clean_abstained"] == 3 and row["abstain_rate"] == 100.0
     assert row["n_fooled"] == 3 and row["n_clean_correct"] == 0  # abstaining is never correct

@@ -331,6 +331,7 @@ class ATT(GradientHookAttack):
             for i, c in enumerate(KINDS)
         }
         self.truncated = official.truncated if s.truncated == AUTO else int(s.truncated)
+        self._truncated_auto = s.truncated == AUTO
         self.patchout = None  # the base loop's random PatchOut: ATT has its own
         po = s.patchout
         self.spo: SelfPacedPatchOut | None = None
@@ -382,8 +383,14 @@ class ATT(GradientHookAttack):
             if not b.name.startswith("blocks_token_only.0.")
         ]
         attention = [b.name for b in bound if b.site.component == "attn"]
-        # At most all but the shallowest: the release's counts on shallower sources (the tests'
-        # tiny ones) would otherwise remove every attention gradient.
+        if not self._truncated_auto and self.truncated > len(attention) - 1:
+            raise UserError(
+                f"attack.truncated={self.truncated}: this {family.name} source has "
+                f"{len(attention)} attention layers, and ATT keeps at least the shallowest; use "
+                f"attack.truncated<={len(attention) - 1}, or auto."
+            )
+        # auto: at most all but the shallowest, so that the release's counts on shallower
+        # sources (the tests' tiny ones) do not remove every attention gradient.
         self._zeroed = min(self.truncated, len(attention) - 1)
         zeroed = set(attention[len(attention) - self._zeroed :]) if self._zeroed else set()
         self._factor = {

@@ -26,6 +26,8 @@ class Defense:
     name: ClassVar[str]
     reference: ClassVar[str]
     randomized: ClassVar[bool] = False
+    # Settings that never enter a column's name: a weight file (recorded by its hash), a speed.
+    unlabelled: ClassVar[tuple[str, ...]] = ("weights",)
 
     def params(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -36,11 +38,10 @@ class Defense:
         from tgr_bench.defenses.settings import defense_defaults
 
         default = defense_defaults()[self.name]
-        # A weight file is the defense itself (NRP), recorded by its sha256, not a setting.
         changed = [
             f"{k}={getattr(self, k)}"
             for k, v in default.items()
-            if k != "weights" and getattr(self, k) != v
+            if k not in self.unlabelled and getattr(self, k) != v
         ]
         return self.name + (f"[{','.join(changed)}]" if changed else "")
 

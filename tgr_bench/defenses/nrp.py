@@ -143,7 +143,6 @@ class NRP(InputDefense):
     purifier: nn.Module | None = field(default=None, repr=False)
 
     name: ClassVar[str] = "nrp"
-    randomized: ClassVar[bool] = True  # with `dynamic`; the keys go unused without it
     reference: ClassVar[str] = (
         "NRP: Naseer et al., A Self-supervised Approach for Adversarial Robustness, CVPR 2020 "
         "(purifier NRP.pth; dynamic inference: N(0, 0.05^2) noise within 16/255)"
@@ -163,6 +162,11 @@ class NRP(InputDefense):
         # Frozen settings; the network and the file's hash are set once, here.
         object.__setattr__(self, "purifier", net.eval().requires_grad_(False))
         object.__setattr__(self, "weights_sha256", sha)
+
+    @property
+    def randomized(self) -> bool:  # type: ignore[override]
+        """Only dynamic inference draws: without it the clean predictions are seed-free."""
+        return self.dynamic
 
     def params(self) -> dict[str, Any]:
         return {

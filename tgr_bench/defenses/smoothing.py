@@ -68,6 +68,7 @@ class Smoothing(Defense):
 
     name: ClassVar[str] = "smoothing"
     randomized: ClassVar[bool] = True
+    unlabelled: ClassVar[tuple[str, ...]] = ("batch",)  # copies per pass: no prediction changes
     reference: ClassVar[str] = (
         "Randomized smoothing: Cohen et al., Certified Adversarial Robustness via Randomized "
         "Smoothing, ICML 2019 (ImageNet: sigma 0.25/0.50/1.00; PREDICT alpha 0.001, N 100 to "
