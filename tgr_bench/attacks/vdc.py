@@ -293,23 +293,24 @@ class VDC(GradientHookAttack):
         keys: Sequence[int] | None = None,
         ids: Sequence[int] | None = None,
     ) -> torch.Tensor:
-        """The add pass's d loss / d delta after a record pass on the same inputs (the draws of
-        DI, PatchOut and Admix are keyed per image and step, so both passes see the same)."""
+        """The add pass's d loss / d delta after a record pass, both backward through one
+        forward of the step's inputs (the hooks read the pass's mode while the gradient flows
+        back, so the forward is shared; the modifiers' draws are taken once)."""
+        delta = delta.detach().requires_grad_(True)
+        inputs = self.model_input(x, delta, step, seeds)
+        c = self.copies
+        if self.si is not None or self.admix is not None or self.di is not None:
+            inputs = self.expand(model, inputs, step, seeds if keys is None else keys, ids)
+            y = y.repeat_interleave(c)
+        loss = self.loss(model(inputs), y, delta, c)
         self._begin(RECORD)
-        super().input_gradient(model, x, delta, y, step, seeds, keys, ids)  # records only
+        torch.autograd.grad(loss, delta, retain_graph=True)  # records only
         self._end("run")
         self._begin(ADD)
-        grad = super().input_gradient(model, x, delta, y, step, seeds, keys, ids)
+        (grad,) = torch.autograd.grad(loss, delta)
         self._end("run")
         self.records = Records()
         return grad
-
-    def _chunked_gradient(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        raise UserError(
-            "VDC needs each image's SI/Admix copies in one forward/backward: its add pass reads "
-            "the record pass's records row by row. They do not fit on the device: use fewer "
-            "copies (attack.si.m, attack.admix.m1/m2) or a smaller source."
-        )
 
     def _probe(self, model: nn.Module) -> None:
         """One forward/backward per pass, each of which must fire every site exactly once."""
