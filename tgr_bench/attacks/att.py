@@ -430,6 +430,10 @@ class ATT(GradientHookAttack):
     def edit(self, bound: BoundSite, g: torch.Tensor) -> torch.Tensor:
         site = bound.site
         kind = site.component
+        if self._factor[bound.name] == 0.0 and site.rule != BIAS:
+            # A truncated layer: its gradient, and so its variance, is zero whatever the tuning.
+            self._var[kind] = g.new_zeros(len(g))
+            return torch.zeros_like(g)
         out = g * self._factor[bound.name]
         gpf = penalty_factor(per_image_var(out), self._var[kind], self.gamma, self.lam)
         if site.rule == BIAS:
