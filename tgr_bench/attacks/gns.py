@@ -13,6 +13,7 @@ depends on its batch. Everything is torch ops on the device: no host syncs.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -61,6 +62,7 @@ def qkv_rule(g: torch.Tensor, rule: str, u: float) -> torch.Tensor:
 
 
 # ---- HFA: the 2-D DCT of dct.py, as matrices ---------------------------------------------------
+@functools.lru_cache(maxsize=16)  # constants per size and device: built once
 def dct_matrix(n: int, device: torch.device) -> torch.Tensor:
     """(n, n) float64 C with C[k, m] = 2 cos(pi k (2m + 1) / (2n)): dct.py's DCT-II with
     norm=None (scipy's convention), X = C x along the last dimension."""
@@ -68,6 +70,7 @@ def dct_matrix(n: int, device: torch.device) -> torch.Tensor:
     return 2 * torch.cos(math.pi * k[:, None] * (2 * k[None, :] + 1) / (2 * n))
 
 
+@functools.lru_cache(maxsize=16)  # constants per size and device: built once
 def idct_matrix(n: int, device: torch.device) -> torch.Tensor:
     """(n, n) float64 inverse of dct_matrix: x_m = (X_0 / 2 + sum_k>0 X_k cos(...)) / n."""
     k = torch.arange(n, dtype=torch.float64, device=device)
@@ -91,6 +94,7 @@ def idct_2d(coef: torch.Tensor) -> torch.Tensor:
     return idct_matrix(h, coef.device) @ coef @ idct_matrix(w, coef.device).T
 
 
+@functools.lru_cache(maxsize=16)  # constants per size and device: built once
 def search_mask(h: int, w: int, device: torch.device) -> torch.Tensor:
     """(h, w) float64 `msk` of --mhf search/both: linspace(h/2, h, h)[i] linspace(w/2, w, w)[j]
     / h / w, from 0.25 at frequency (0, 0) to 1 at (h-1, w-1); the release hard-codes h = w = 224
@@ -100,6 +104,7 @@ def search_mask(h: int, w: int, device: torch.device) -> torch.Tensor:
     return rows[:, None] * cols[None, :] / h / w
 
 
+@functools.lru_cache(maxsize=16)  # constants per size and device: built once
 def noise_mask(h: int, w: int, device: torch.device) -> torch.Tensor:
     """(h, w) float64 `msk` of --mhf noise/both on the noise's spectrum: i j / (h-1) / (w-1)."""
     rows = torch.arange(h, dtype=torch.float64, device=device) / (h - 1)
