@@ -169,7 +169,9 @@ class VDC(GradientHookAttack):
         self.block_decay = float(s.block_decay)
         self.link = float(s.link)
         self.gamma = {c: float(getattr(s.gamma, c)) for c in ("attn", "mlp", "record")}
-        self.mode = RECORD
+        self.mode: str | None = (
+            None  # RECORD or ADD during a pass; None: gradients pass as they are
+        )
         self.records = Records()
         self.layout = Layout((), True, False)
         self._block: dict[str, tuple[int, int, bool]] = {}  # site -> (k, stage s, deepest of s)
@@ -212,6 +214,8 @@ class VDC(GradientHookAttack):
 
     # ---- the two passes ----------------------------------------------------------------------
     def edit(self, bound: BoundSite, g: torch.Tensor) -> torch.Tensor:
+        if self.mode is None:  # a backward outside the step's two passes: nothing to read
+            return g
         self._pass_fired[bound.name] += 1
         component = bound.site.component
         if component in ("norm", "pool"):
@@ -310,6 +314,7 @@ class VDC(GradientHookAttack):
         (grad,) = torch.autograd.grad(loss, delta)
         self._end("run")
         self.records = Records()
+        self.mode = None
         return grad
 
     def _probe(self, model: nn.Module) -> None:
@@ -327,3 +332,4 @@ class VDC(GradientHookAttack):
         self.validate()
         self.fired.clear()
         self.records = Records()
+        self.mode = None
