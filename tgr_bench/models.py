@@ -533,8 +533,14 @@ def build_model(
     Random weights are drawn from a generator seeded by the model key and the run seed, so the
     same key is the same network as source and as target, in every run with that seed.
     """
-    if spec.robustbench is not None or spec.torchvision is not None:
-        return LoadedModel(spec, weights, _extra_model(spec, weights, device, seed))
+    if spec.robustbench is not None:
+        # The file robustbench loaded (downloaded now, when it was missing), with its hash.
+        robust = _robust().load_robust_model(
+            spec.robustbench, spec.model_dir, device, spec.input_size, weights
+        )
+        return LoadedModel(spec, robust.weights, robust.model)
+    if spec.torchvision is not None:
+        return LoadedModel(spec, weights, _torchvision_model(spec, weights, device, seed))
     tfslim = weights.kind == "tf2torch" or spec.model is None
     cfg = dict(TFSLIM_INPUT) if tfslim else pretrained_cfg(spec)
     try:
@@ -619,17 +625,11 @@ def _extra_weights(spec: ModelSpec) -> WeightFile:
     return WeightFile("torchvision", str(path), sha256_file(path))
 
 
-def _extra_model(
+def _torchvision_model(
     spec: ModelSpec, weights: WeightFile, device: torch.device | str, seed: int = 0
 ) -> PixelModel:
-    """A torchvision model with its weights' own preprocessing (mean, std, crop size), or a
-    RobustBench model built by robustbench's loader; eval mode, no parameter gradients."""
-    if spec.robustbench is not None:
-        return (
-            _robust()
-            .load_robust_model(spec.robustbench, spec.model_dir, device, spec.input_size)
-            .model
-        )
+    """A torchvision model with its weights' own preprocessing (mean, std, crop size); eval
+    mode, no parameter gradients."""
     from torchvision.models import get_model
 
     enum = _torchvision_weights(spec)

@@ -136,10 +136,12 @@ def load_robust_model(
     model_dir: str | os.PathLike[str],
     device: torch.device | str = "cpu",
     input_size: int | None = None,
+    known: WeightFile | None = None,
 ) -> RobustModel:
     """Build `name` through robustbench.utils.load_model from `model_dir`, offline when its file
     is there; eval mode, no parameter gradients. `input_size` overrides the side the stored
-    images are resized to (default: robustbench's, e.g. 288 for Wong2020Fast)."""
+    images are resized to (default: robustbench's, e.g. 288 for Wong2020Fast); `known` is the
+    file as resolved before (its hash is not computed again)."""
     load_model, zoo = _robustbench()
     entry = _entry(zoo, name)
     path = checkpoint_path(name, model_dir)
@@ -160,7 +162,10 @@ def load_robust_model(
     # Normalization is robustbench's business (inside the network, or none): identity here.
     model = PixelModel(net, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), size, key=name).eval().to(device)
     model.requires_grad_(False)
-    weights = WeightFile("checkpoint", str(path.resolve()), sha256_file(path))
+    if known is not None and known.sha256:
+        weights = known
+    else:
+        weights = WeightFile("checkpoint", str(path.resolve()), sha256_file(path))
     return RobustModel(name, model, prep, normalization_inside(net), weights)
 
 
